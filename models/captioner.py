@@ -1,0 +1,272 @@
+"""BLIP captioner: transformers' ``BlipForConditionalGeneration`` plus the tokenizer and prompt, with BLIP's semantics.
+
+Layout of one training sequence (BLIP's ``BLIP_Decoder``)::
+
+    input_ids  = [DEC] a picture of  <caption tokens>  [SEP] [PAD] ...
+                 |--- prompt_length ---|
+    logits[:, t] predicts input_ids[:, t + 1]          (B, L - 1, V)
+    targets      = input_ids[:, 1:], with the prompt and padding set to -100   (B, L - 1)
+
+``prompt_length`` counts the bos token, as in BLIP (4 for ``'a picture of '``), so the first scored target is the
+first caption token. Captions are truncated at ``max_text_length`` (40) tokens, prompt included.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
+
+from .objectives import IGNORE_INDEX
+
+DEFAULT_PROMPT = "a picture of "
+DEFAULT_TOKENIZER = "bert-base-uncased"
+
+
+@dataclass(frozen=True)
+class BlipArchitecture:
+    """Sizes of a BLIP captioner. ``text_cross_width`` is taken from ``vision_width`` (the decoder cross-attends
+    to the ViT's tokens), so a ViT-L encoder feeds 1024-wide keys/values into a 768-wide BERT decoder."""
+
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    vision_mlp: int
+    patch_size: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    max_positions: int = 512
+    vision_layer_norm_eps: float = 1e-6  # timm ViT in BLIP; transformers' default (1e-5) would drift
+    text_layer_norm_eps: float = 1e-12
+    text_dropout: float = 0.1  # BLIP's med_config.json: hidden and attention dropout
+
+
+ARCHITECTURES: dict[str, BlipArchitecture] = {
+    # ViT-B/16 + BERT-base decoder: model_base_caption_capfilt_large.pth and the SMILE checkpoints.
+    "base": BlipArchitecture(768, 12, 12, 3072, 16, 768, 12, 12, 3072),
+    # ViT-L/16 + BERT-base decoder: model_large_caption.pth.
+    "large": BlipArchitecture(1024, 24, 16, 4096, 16, 768, 12, 12, 3072),
+    # For tests and the CPU toy demo: trains from scratch in about a minute on 2 cores at 48 px.
+    "tiny": BlipArchitecture(64, 2, 4, 256, 8, 64, 2, 4, 256, max_positions=64),
+}
+
+
+def resolve_architecture(arch: str | BlipArchitecture | dict) -> BlipArchitecture:
+    """A preset name, a BlipArchitecture, or a dict of its fields (optionally ``{preset: name, **overrides}``)."""
+    if isinstance(arch, BlipArchitecture):
+        return arch
+    if isinstance(arch, str):
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; valid presets: {sorted(ARCHITECTURES)}")
+        return ARCHITECTURES[arch]
+    fields = dict(arch)
+    preset = fields.pop("preset", None)
+    base = resolve_architecture(preset) if preset else None
+    valid = [f.name for f in dataclasses.fields(BlipArchitecture)]
+    unknown = sorted(set(fields) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown architecture field(s) {unknown}; valid fields: {valid}")
+    return dataclasses.replace(base, **fields) if base else BlipArchitecture(**fields)
+
+
+def build_tokenizer(source: str | Path = DEFAULT_TOKENIZER) -> BertTokenizer:
+    """BERT WordPiece tokenizer with BLIP's extra tokens: ``[DEC]`` as bos and ``[ENC]`` as an additional special.
+
+    Args:
+        source: a hub id (``bert-base-uncased``), a tokenizer directory, or a path to a ``vocab.txt`` file
+            (its folder is loaded). BERT-base ends with 30524 ids, as BLIP's checkpoints expect.
+    """
+    path = Path(source)
+    if path.is_file():
+        if path.name != "vocab.txt":
+            raise ValueError(f"tokenizer file must be named vocab.txt (one WordPiece token per line): {path}")
+        path = path.parent
+    tokenizer = BertTokenizer.from_pretrained(str(path) if path.exists() else str(source))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def build_blip_config(arch: BlipArchitecture, image_size: int, tokenizer: BertTokenizer) -> BlipConfig:
+    """A transformers BlipConfig equal to BLIP's ViT + med_config.json for the given sizes."""
+    vision = dict(
+        hidden_size=arch.vision_width,
+        intermediate_size=arch.vision_mlp,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        image_size=image_size,
+        patch_size=arch.patch_size,
+        layer_norm_eps=arch.vision_layer_norm_eps,
+        attention_dropout=0.0,
+        hidden_act="gelu",
+    )
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.text_width,
+        encoder_hidden_size=arch.vision_width,
+        intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.max_positions,
+        layer_norm_eps=arch.text_layer_norm_eps,
+        hidden_dropout_prob=arch.text_dropout,
+        attention_probs_dropout_prob=arch.text_dropout,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        label_smoothing=0.0,
+    )
+    return BlipConfig(vision_config=vision, text_config=text)
+
+
+class BlipCaptioner(nn.Module):
+    """A BLIP image captioner that owns its tokenizer and prompt.
+
+    ``forward(pixel_values, input_ids, attention_mask) -> logits`` (B, L - 1, V), aligned with
+    ``build_targets(input_ids, attention_mask)`` (B, L - 1); the training objective is applied outside the module
+    (models/objectives.py), so DDP wraps exactly the network.
+    """
+
+    def __init__(
+        self,
+        model: BlipForConditionalGeneration,
+        tokenizer: BertTokenizer,
+        prompt: str = DEFAULT_PROMPT,
+        max_text_length: int = 40,
+    ):
+        super().__init__()
+        vocab = model.config.text_config.vocab_size
+        if len(tokenizer) != vocab:
+            raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocabulary has {vocab}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_text_length = max_text_length
+        # BLIP: len(tokenizer(prompt).input_ids) - 1, i.e. bos + prompt words without [SEP].
+        self.prompt_length = len(tokenizer(prompt).input_ids) - 1
+
+    @classmethod
+    def build(
+        cls,
+        arch: str | BlipArchitecture | dict = "base",
+        image_size: int = 384,
+        tokenizer: str | Path | BertTokenizer = DEFAULT_TOKENIZER,
+        prompt: str = DEFAULT_PROMPT,
+        max_text_length: int = 40,
+        gradient_checkpointing: bool = False,
+    ) -> "BlipCaptioner":
+        """A randomly initialised captioner; load weights with ``models.checkpoint.load_pretrained``."""
+        if not isinstance(tokenizer, BertTokenizer):
+            tokenizer = build_tokenizer(tokenizer)
+        config = build_blip_config(resolve_architecture(arch), image_size, tokenizer)
+        model = BlipForConditionalGeneration(config)
+        if gradient_checkpointing:
+            # transformers 5 renamed the switch; fall back for 4.57.
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return cls(model, tokenizer, prompt=prompt, max_text_length=max_text_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.text_decoder.cls.predictions.decoder.weight.device
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prompt + caption`` for each caption -> (input_ids, attention_mask), both (B, L) on the model's device.
+
+        Position 0 ([CLS]) is replaced by the [DEC] bos token, as BLIP's decoder expects.
+        """
+        encoded = self.tokenizer(
+            [self.prompt + caption for caption in captions],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        )
+        input_ids = encoded.input_ids.to(self.device)
+        input_ids[:, 0] = self.tokenizer.bos_token_id
+        return input_ids, encoded.attention_mask.to(self.device)
+
+    def build_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token targets (B, L - 1): the prompt and padding are IGNORE_INDEX. The one place that masks them."""
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+        targets[:, : self.prompt_length - 1] = IGNORE_INDEX
+        return targets
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT tokens (B, 1 + num_patches, vision_width)."""
+        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder logits (B, L - 1, V); ``logits[:, t]`` scores ``input_ids[:, t + 1]``."""
+        image_embeds = self.encode_images(pixel_values)
+        output = self.model.text_decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            use_cache=False,
+        )
+        return output.logits[:, :-1]
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        pixel_values: torch.Tensor,
+        sample: bool = False,
+        num_beams: int = 3,
+        max_length: int = 30,
+        min_length: int = 10,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+    ) -> torch.Tensor:
+        """Token ids (B, <= max_length) including the bos + prompt prefix, padded after [SEP].
+
+        As in BLIP, ``max_length`` and ``min_length`` count the prompt tokens, and [SEP] ends a caption. Beam
+        search unless ``sample``; sampling is nucleus sampling with ``top_p`` and one sequence per image (with
+        transformers' default top-k of 50 also applied, as it was under BLIP's transformers 4.15).
+        """
+        image_embeds = self.encode_images(pixel_values)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        prompt_ids, _ = self.tokenize([""] * pixel_values.shape[0])
+        prompt_ids = prompt_ids[:, :-1]  # drop the [SEP] that closes the (empty) caption
+        options = dict(max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
+        if sample:
+            options.update(do_sample=True, top_p=top_p, top_k=50, num_beams=1)
+        else:
+            options.update(do_sample=False, num_beams=num_beams)
+        generated = self.model.text_decoder.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            eos_token_id=self.tokenizer.sep_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            **options,
+        )
+        # Some transformers versions fill finished beams with [SEP] rather than [PAD]; normalise to BLIP's layout.
+        is_sep = generated == self.tokenizer.sep_token_id
+        is_sep[:, : self.prompt_length] = False
+        after_first_sep = (is_sep.cumsum(dim=1) - is_sep.long()) > 0
+        return generated.masked_fill(after_first_sep, self.tokenizer.pad_token_id)
+
+    def decode(self, generated_ids: torch.Tensor) -> list[str]:
+        """Strip the prompt tokens and decode; special tokens ([SEP], [PAD], [UNK]) are dropped as in BLIP."""
+        return self.tokenizer.batch_decode(
+            generated_ids[:, self.prompt_length :], skip_special_tokens=True, clean_up_tokenization_spaces=True
+        )
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, **options) -> list[str]:
+        """Captions for a batch of images (B, 3, H, W), prompt stripped. Options as in ``generate_ids``."""
+        return self.decode(self.generate_ids(pixel_values, **options))

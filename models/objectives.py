@@ -1,0 +1,231 @@
+"""Caption training objectives: MLE, SMILE, the paper's subsetting ablations, and weighted mixtures.
+
+Every objective has the signature ``fn(logits, targets, **options) -> scalar loss`` where
+
+* ``logits``  (B, N, V) are already aligned with the targets (``logits[:, t]`` predicts ``targets[:, t]``),
+* ``targets`` (B, N) hold token ids, with ``IGNORE_INDEX`` (-100) on positions that carry no loss
+  (the prompt and the padding).
+
+The loss is the mean over non-ignored positions, like ``F.cross_entropy(..., reduction='mean')``.
+
+SMILE (Yue et al., NeurIPS 2023) restricts the softmax at each position to the vocabulary items that occur in
+the row's own target caption. A prediction of a word that the caption does contain but at another position
+("richness" direction) is then not penalised away, while the label still wins probability from every other
+word in the caption. The reference code builds a dense (B, N, V) boolean mask and fills ``-inf``; here the
+logits of each row's token set are *gathered* instead, so SMILE only touches (B, N, N) extra values and costs
+no more than MLE (see ``benchmarks/bench_objectives.py``).
+
+Add an objective by writing one function and one line in ``OBJECTIVES``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are reduced in fp32 (logsumexp over 30k items loses too much in 8 mantissa bits)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _masked_mean(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_position`` (B, N) over ``valid`` (B, N); 0 when nothing is valid (keeps the graph)."""
+    per_position = per_position.masked_fill(~valid, 0.0)
+    return per_position.sum() / valid.sum().clamp(min=1)
+
+
+def first_target_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Index of the first non-ignored position of each row, (B,). Rows with no target get 0."""
+    valid = targets != IGNORE_INDEX
+    return valid.int().argmax(dim=1)
+
+
+def row_token_sets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's set of target tokens, as a padded (B, N) index matrix plus its (B, N) validity mask.
+
+    The ids are sorted per row and duplicates are marked invalid, so a row with K distinct tokens has exactly K
+    valid entries. Ignored positions are sorted to the end (they are negative, so they are replaced by a large
+    id first) and marked invalid. Entries that are invalid hold the id 0, a safe index for ``gather``.
+    """
+    ignored = targets == IGNORE_INDEX
+    big = torch.iinfo(targets.dtype).max
+    sorted_ids, _ = targets.masked_fill(ignored, big).sort(dim=1)
+    valid = sorted_ids != big
+    repeat = torch.zeros_like(valid)
+    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    valid &= ~repeat
+    return sorted_ids.masked_fill(~valid, 0), valid
+
+
+def mle(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Cross-entropy over the full vocabulary, with BLIP's label smoothing (0.1 in BLIP's decoder)."""
+    return F.cross_entropy(
+        _upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    )
+
+
+def _subset_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    candidate_valid: torch.Tensor,
+    first_token_mle: bool,
+) -> torch.Tensor:
+    """Cross-entropy where position (b, t) normalises over ``candidate_ids[b, t]`` only.
+
+    Args:
+        logits: (B, N, V).
+        targets: (B, N), IGNORE_INDEX on ignored positions.
+        candidate_ids: (B, N, K) or (B, 1, K) vocabulary ids forming each position's softmax support; it must
+            contain the label wherever the label is a valid target.
+        candidate_valid: boolean mask of the same shape as candidate_ids; False entries are left out.
+        first_token_mle: normalise the first target position of each row over the whole vocabulary instead.
+    """
+    batch, length, _ = logits.shape
+    valid = targets != IGNORE_INDEX
+    safe_targets = targets.clamp(min=0)
+    label_logit = _upcast(logits.gather(2, safe_targets.unsqueeze(2)).squeeze(2))  # (B, N)
+
+    candidate_ids = candidate_ids.expand(batch, length, -1)
+    candidate_logits = _upcast(logits.gather(2, candidate_ids))  # (B, N, K)
+    candidate_logits = candidate_logits.masked_fill(~candidate_valid.expand_as(candidate_logits), float("-inf"))
+    log_normaliser = candidate_logits.logsumexp(dim=2)  # (B, N)
+
+    if first_token_mle:
+        # The caption's own token set says nothing about how a caption should *start*, so the first
+        # position keeps the full-vocabulary softmax (the paper's "first-token MLE"). Only B rows of V logits
+        # are reduced here, not B x N.
+        first = first_target_positions(targets)
+        rows = torch.arange(batch, device=logits.device)
+        full_normaliser = _upcast(logits[rows, first]).logsumexp(dim=1)  # (B,)
+        is_first = torch.zeros_like(valid)
+        is_first[rows, first] = True
+        log_normaliser = torch.where(is_first, full_normaliser.unsqueeze(1), log_normaliser)
+
+    return _masked_mean(log_normaliser - label_logit, valid)
+
+
+def smile(logits: torch.Tensor, targets: torch.Tensor, first_token_mle: bool = True) -> torch.Tensor:
+    """Semipermeable MLE: softmax restricted to the tokens of the row's own target caption.
+
+    Equivalent to the reference mask-and-fill code (``-inf`` outside the row's token set, pad excluded), but
+    gathers the (B, N, N) logits of each row's sorted, de-duplicated token set instead of materialising a
+    (B, N, V) mask. No label smoothing: smoothing would push probability onto the excluded vocabulary.
+    """
+    token_ids, token_valid = row_token_sets(targets)  # (B, N) each
+    return _subset_cross_entropy(
+        logits, targets, token_ids.unsqueeze(1), token_valid.unsqueeze(1), first_token_mle=first_token_mle
+    )
+
+
+def random_subset(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_samples: int = 10,
+    first_token_mle: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Ablation "random subsetting": at each position, the label plus ``num_samples`` random vocabulary items.
+
+    The items are drawn uniformly with replacement, independently per position, as
+    ``torch.randint(V, (B, N, num_samples))``; a draw that repeats the label or another draw counts once (the
+    support is a set, as in the reference's mask). First-token MLE is off by default, as in the paper's code.
+    """
+    batch, length, vocab = logits.shape
+    draws = torch.randint(vocab, (batch, length, num_samples), device=logits.device, generator=generator)
+    candidates = torch.cat([targets.clamp(min=0).unsqueeze(2), draws], dim=2)  # (B, N, k+1)
+    candidates, _ = candidates.sort(dim=2)
+    valid = torch.ones_like(candidates, dtype=torch.bool)
+    valid[:, :, 1:] = candidates[:, :, 1:] != candidates[:, :, :-1]
+    return _subset_cross_entropy(logits, targets, candidates, valid, first_token_mle=first_token_mle)
+
+
+def reverse_subset(logits: torch.Tensor, targets: torch.Tensor, first_token_mle: bool = False) -> torch.Tensor:
+    """Ablation "reverse subsetting": the vocabulary minus the row's own tokens, plus the label.
+
+    This is SMILE's complement, so it cannot avoid touching all V logits; it costs one (B, N, V) copy, the same
+    as the log-softmax inside MLE. First-token MLE is off by default, as in the paper's code.
+    """
+    batch, length, _ = logits.shape
+    valid = targets != IGNORE_INDEX
+    safe_targets = targets.clamp(min=0).unsqueeze(2)  # (B, N, 1)
+    token_ids, token_valid = row_token_sets(targets)
+    # Invalid set entries point at the label, so removing "them" and then restoring the label is a no-op.
+    removed = torch.where(token_valid.unsqueeze(1), token_ids.unsqueeze(1), safe_targets)  # (B, N, N)
+    masked = _upcast(logits).scatter(2, removed, float("-inf"))
+    masked = masked.scatter(2, safe_targets, _upcast(logits).gather(2, safe_targets))
+    log_normaliser = masked.logsumexp(dim=2)
+    if first_token_mle:
+        first = first_target_positions(targets)
+        rows = torch.arange(batch, device=logits.device)
+        log_normaliser = log_normaliser.clone()
+        log_normaliser[rows, first] = _upcast(logits[rows, first]).logsumexp(dim=1)
+    label_logit = _upcast(logits.gather(2, safe_targets).squeeze(2))
+    return _masked_mean(log_normaliser - label_logit, valid)
+
+
+OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
+    "mle": mle,
+    "smile": smile,
+    "random_subset": random_subset,
+    "reverse_subset": reverse_subset,
+}
+
+
+def _objective_options(name: str) -> list[str]:
+    parameters = list(inspect.signature(OBJECTIVES[name]).parameters)
+    return [p for p in parameters[2:] if p != "generator"]
+
+
+class CaptionObjective:
+    """A weighted sum of registered objectives, built from the YAML ``objective`` value.
+
+    Accepted forms::
+
+        objective: smile                                   # one objective, weight 1
+        objective: {mle: 0.01, smile: 0.99}                # the released "MLE+SMILE 0.01:0.99" model
+        objective: {smile: {weight: 0.99, first_token_mle: false}, mle: {weight: 0.01, label_smoothing: 0}}
+
+    Calling it returns ``(total_loss, {name: unweighted_loss})`` so the loop can log each part.
+    """
+
+    def __init__(self, spec: str | Mapping):
+        self.components: list[tuple[str, float, dict]] = []
+        if isinstance(spec, str):
+            spec = {spec: 1.0}
+        if not isinstance(spec, Mapping) or not spec:
+            raise ValueError(
+                f"objective must be a name or a mapping name -> weight/options, got {spec!r}; "
+                f"valid names: {sorted(OBJECTIVES)}"
+            )
+        for name, value in spec.items():
+            if name not in OBJECTIVES:
+                raise ValueError(f"unknown objective {name!r}; valid names: {sorted(OBJECTIVES)}")
+            if isinstance(value, Mapping):
+                options = dict(value)
+                weight = options.pop("weight", 1.0)
+            else:
+                weight, options = value, {}
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(f"objective {name!r}: weight must be a non-negative number, got {weight!r}")
+            valid_options = _objective_options(name)
+            unknown = sorted(set(options) - set(valid_options))
+            if unknown:
+                raise ValueError(
+                    f"objective {name!r}: unknown option(s) {unknown}; valid options: {['weight'] + valid_options}"
+                )
+            self.components.append((name, float(weight), options))
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {name: OBJECTIVES[name](logits, targets, **options) for name, _, options in self.components}
+        total = sum(weight * parts[name] for name, weight, _ in self.components)
+        return total, parts
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{name}={weight:g}{options or ''}" for name, weight, options in self.components)
+        return f"CaptionObjective({body})"
