@@ -168,9 +168,11 @@ class BlipCaptioner(nn.Module):
         config = build_blip_config(resolve_architecture(arch), image_size, tokenizer)
         model = BlipForConditionalGeneration(config)
         if gradient_checkpointing:
-            # transformers 5 renamed the switch; fall back for 4.57.
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed the switch and its argument; 4.57 only has the old name.
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(model, tokenizer, prompt=prompt, max_text_length=max_text_length)
 
     @property
