@@ -69,6 +69,58 @@ def mle(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.
     )
 
 
+class _SubsetCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy where position (b, t) normalises over a small candidate set, with a hand-written backward.
+
+    Autograd through ``gather`` would allocate one zero-filled (B, N, V) gradient per gather and add them up; the
+    backward here writes softmax-minus-one-hot straight into a single (B, N, V) buffer, which is the gradient of
+    the logits that any objective must return. Everything else it keeps is (B, N, K) or (B, V).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, candidate_ids, candidate_valid, first_token_mle):
+        batch, length, _ = logits.shape
+        valid = targets != IGNORE_INDEX
+        safe_targets = targets.clamp(min=0)
+        rows = torch.arange(batch, device=logits.device)
+        label_logit = _upcast(logits.gather(2, safe_targets.unsqueeze(2)).squeeze(2))  # (B, N)
+
+        candidate_ids = candidate_ids.expand(batch, length, -1)
+        candidate_valid = candidate_valid.expand(batch, length, -1) & valid.unsqueeze(2)
+        candidate_logits = _upcast(logits.gather(2, candidate_ids)).masked_fill(~candidate_valid, float("-inf"))
+        log_normaliser = candidate_logits.logsumexp(dim=2).masked_fill(~valid, 0.0)  # (B, N)
+
+        first = first_target_positions(targets)
+        first_probs = None
+        if first_token_mle:
+            # The caption's own token set says nothing about how a caption should *start*, so the first position
+            # keeps the full-vocabulary softmax (the paper's "first-token MLE"): B rows of V logits, not B x N.
+            first_logits = _upcast(logits[rows, first])  # (B, V)
+            full_normaliser = first_logits.logsumexp(dim=1)
+            log_normaliser[rows, first] = torch.where(valid[rows, first], full_normaliser, 0.0)
+            first_probs = (first_logits - full_normaliser.unsqueeze(1)).exp()
+            candidate_valid = candidate_valid.clone()
+            candidate_valid[rows, first] = False  # their gradient comes from first_probs instead
+
+        count = valid.sum().clamp(min=1)
+        candidate_probs = (candidate_logits - log_normaliser.unsqueeze(2)).exp().masked_fill(~candidate_valid, 0.0)
+        ctx.save_for_backward(candidate_ids, candidate_probs, safe_targets, valid, first, first_probs, count)
+        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+        return (log_normaliser - label_logit).masked_fill(~valid, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        candidate_ids, candidate_probs, safe_targets, valid, first, first_probs, count = ctx.saved_tensors
+        grad = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=candidate_ids.device)
+        grad.scatter_add_(2, candidate_ids, candidate_probs.to(grad.dtype))
+        if first_probs is not None:
+            rows = torch.arange(grad.shape[0], device=grad.device)
+            grad[rows, first] += first_probs.to(grad.dtype) * valid[rows, first].unsqueeze(1)
+        grad.scatter_add_(2, safe_targets.unsqueeze(2), -valid.unsqueeze(2).to(grad.dtype))
+        grad.mul_(grad_output / count)
+        return grad, None, None, None, None
+
+
 def _subset_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -82,32 +134,11 @@ def _subset_cross_entropy(
         logits: (B, N, V).
         targets: (B, N), IGNORE_INDEX on ignored positions.
         candidate_ids: (B, N, K) or (B, 1, K) vocabulary ids forming each position's softmax support; it must
-            contain the label wherever the label is a valid target.
+            contain the label wherever the label is a valid target, and each id at most once among valid entries.
         candidate_valid: boolean mask of the same shape as candidate_ids; False entries are left out.
         first_token_mle: normalise the first target position of each row over the whole vocabulary instead.
     """
-    batch, length, _ = logits.shape
-    valid = targets != IGNORE_INDEX
-    safe_targets = targets.clamp(min=0)
-    label_logit = _upcast(logits.gather(2, safe_targets.unsqueeze(2)).squeeze(2))  # (B, N)
-
-    candidate_ids = candidate_ids.expand(batch, length, -1)
-    candidate_logits = _upcast(logits.gather(2, candidate_ids))  # (B, N, K)
-    candidate_logits = candidate_logits.masked_fill(~candidate_valid.expand_as(candidate_logits), float("-inf"))
-    log_normaliser = candidate_logits.logsumexp(dim=2)  # (B, N)
-
-    if first_token_mle:
-        # The caption's own token set says nothing about how a caption should *start*, so the first
-        # position keeps the full-vocabulary softmax (the paper's "first-token MLE"). Only B rows of V logits
-        # are reduced here, not B x N.
-        first = first_target_positions(targets)
-        rows = torch.arange(batch, device=logits.device)
-        full_normaliser = _upcast(logits[rows, first]).logsumexp(dim=1)  # (B,)
-        is_first = torch.zeros_like(valid)
-        is_first[rows, first] = True
-        log_normaliser = torch.where(is_first, full_normaliser.unsqueeze(1), log_normaliser)
-
-    return _masked_mean(log_normaliser - label_logit, valid)
+    return _SubsetCrossEntropy.apply(logits, targets, candidate_ids, candidate_valid, first_token_mle)
 
 
 def smile(logits: torch.Tensor, targets: torch.Tensor, first_token_mle: bool = True) -> torch.Tensor:
