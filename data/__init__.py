@@ -1,0 +1,57 @@
+"""Datasets, transforms, collate functions and the synthetic toy set for BLIP caption fine-tuning.
+
+data/ depends on no other package of this project; captions leave it as strings and the caller
+tokenises them.
+"""
+
+from data.captions import image_id_from_path, pre_caption
+from data.datasets import (
+    AnnotationError,
+    CaptionEvalDataset,
+    CaptionTrainDataset,
+    ImageLoadError,
+    build_coco_gt,
+    caption_collate,
+    eval_collate,
+    load_annotations,
+)
+from data.transforms import (
+    BLIP_RANDAUGMENT_OPS,
+    CLIP_MEAN,
+    CLIP_STD,
+    BlipRandAugment,
+    build_eval_transform,
+    build_train_transform,
+)
+
+
+
+def __getattr__(name: str):
+    # data.toy is imported on first use rather than here: `python -m data.toy` would otherwise
+    # find the module already imported by this package and runpy warns about executing it twice.
+    if name == "ensure_toy_dataset":
+        from data.toy import ensure_toy_dataset
+
+        return ensure_toy_dataset
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
+
+
+__all__ = [
+    "AnnotationError",
+    "BLIP_RANDAUGMENT_OPS",
+    "BlipRandAugment",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CaptionEvalDataset",
+    "CaptionTrainDataset",
+    "ImageLoadError",
+    "build_coco_gt",
+    "build_eval_transform",
+    "build_train_transform",
+    "caption_collate",
+    "ensure_toy_dataset",
+    "eval_collate",
+    "image_id_from_path",
+    "load_annotations",
+    "pre_caption",
+]

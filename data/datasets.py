@@ -1,0 +1,285 @@
+"""Caption datasets over BLIP's Karpathy-split annotation files, COCO ground truth, and collate.
+
+Annotation formats (see the project's DATA_FORMATS notes):
+
+- train: a JSON list with one entry per caption, ``{"image": "val2014/COCO_...391895.jpg",
+  "caption": str, "image_id": "coco_391895"}``. We also accept a list of captions in one entry,
+  expanded to one sample per caption (the toy and some converted sets use it).
+- val/test: one entry per image, ``{"image": relative path, "caption": [5 strings]}``.
+
+Image ids are always the integer at the end of the image file name (`image_id_from_path`), the
+id BLIP evaluates with, so train, eval and ground truth agree without trusting ``image_id``.
+Images are opened lazily in `__getitem__`, so constructing a dataset checks every annotation but
+touches no image file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data.captions import image_id_from_path, pre_caption
+
+REQUIRED_KEYS = ("image", "caption")
+
+
+class AnnotationError(ValueError):
+    """An annotation file is malformed; the message names the file, entry index and key."""
+
+
+class ImageLoadError(OSError):
+    """An image file is missing or cannot be decoded; `.path` is the full path that failed."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"cannot load image {str(path)!r}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def load_annotations(path: str | Path) -> list[dict]:
+    """Read and validate a BLIP annotation file: a JSON list of dicts.
+
+    Every entry must have a non-empty string ``image`` and a ``caption`` that is a string or a
+    non-empty list of strings. Other keys (``image_id``, ...) are kept untouched.
+
+    Raises:
+        FileNotFoundError: the file does not exist (message names it).
+        AnnotationError: invalid JSON (with line/column), not a list, an entry that is not an
+            object, or a missing/ill-typed ``image``/``caption`` (message names file and index).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            entries = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise AnnotationError(
+            f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise AnnotationError(f"{path}: not UTF-8 text ({error})") from error
+    if not isinstance(entries, list):
+        raise AnnotationError(
+            f"{path}: expected a JSON list of annotation entries, got a JSON {type(entries).__name__}"
+        )
+    for index, entry in enumerate(entries):
+        _check_entry(path, index, entry)
+    return entries
+
+
+def _check_entry(path: Path, index: int, entry: object) -> None:
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{path}: entry {index} must be a JSON object, got {entry!r}")
+    for key in REQUIRED_KEYS:
+        if key not in entry:
+            raise AnnotationError(
+                f"{path}: entry {index} has no {key!r} key (it has {sorted(entry)})"
+            )
+    image = entry["image"]
+    if not isinstance(image, str) or not image:
+        raise AnnotationError(f"{path}: entry {index} key 'image' must be a non-empty string, got {image!r}")
+    caption = entry["caption"]
+    is_caption_list = isinstance(caption, list) and len(caption) > 0 and all(isinstance(c, str) for c in caption)
+    if not isinstance(caption, str) and not is_caption_list:
+        raise AnnotationError(
+            f"{path}: entry {index} key 'caption' must be a string or a non-empty list of strings, got {caption!r}"
+        )
+
+
+def _captions_of(entry: dict) -> list[str]:
+    caption = entry["caption"]
+    return [caption] if isinstance(caption, str) else list(caption)
+
+
+def _image_id_of(path: Path, index: int, entry: dict) -> int:
+    try:
+        return image_id_from_path(entry["image"])
+    except ValueError as error:
+        raise AnnotationError(f"{path}: entry {index} key 'image': {error}") from error
+
+
+def _normalised_caption(path: Path, index: int, raw: str, max_words: int | None) -> str:
+    caption = pre_caption(raw, max_words)
+    if not caption:
+        raise AnnotationError(
+            f"{path}: entry {index} has a caption that is empty after normalisation: {raw!r}"
+        )
+    return caption
+
+
+@dataclass(frozen=True)
+class EvalEntry:
+    """One image of a val/test file: `image` relative path, integer id, raw reference captions."""
+
+    image: str
+    image_id: int
+    captions: list[str]
+
+
+def read_eval_entries(annotation_file: str | Path) -> list[EvalEntry]:
+    """Parse a one-entry-per-image val/test file, rejecting empty captions and repeated images.
+
+    Raises:
+        AnnotationError: naming the file and entry index for an empty caption, an image path
+            with no trailing integer, or two entries that resolve to the same image id.
+    """
+    path = Path(annotation_file)
+    entries: list[EvalEntry] = []
+    first_index_of_id: dict[int, int] = {}
+    for index, entry in enumerate(load_annotations(path)):
+        image_id = _image_id_of(path, index, entry)
+        if image_id in first_index_of_id:
+            first = first_index_of_id[image_id]
+            raise AnnotationError(
+                f"{path}: entries {first} ({entries[first].image!r}) and {index} ({entry['image']!r}) "
+                f"share image id {image_id}; an eval file needs one entry per image"
+            )
+        first_index_of_id[image_id] = index
+        captions = _captions_of(entry)
+        for raw in captions:
+            _normalised_caption(path, index, raw, max_words=None)
+        entries.append(EvalEntry(image=entry["image"], image_id=image_id, captions=captions))
+    return entries
+
+
+class _ImageFileDataset(Dataset):
+    """Shared image handling: a root folder, a transform, and one place that opens files."""
+
+    def __init__(self, image_root: str | Path, transform: Callable[[Image.Image], torch.Tensor]):
+        self.image_root = Path(image_root)
+        if not self.image_root.is_dir():
+            raise FileNotFoundError(f"image_root is not a directory: {self.image_root}")
+        if not callable(transform):
+            raise TypeError(f"transform must be callable (e.g. build_eval_transform(384)), got {transform!r}")
+        self.transform = transform
+
+    def _load_image(self, path: Path) -> Image.Image:
+        """Open `path` and return it as RGB, or raise `ImageLoadError` naming the full path.
+
+        This is the single place images are read, so a skip-and-count policy for broken files
+        only needs to catch `ImageLoadError` around this call.
+        """
+        try:
+            with Image.open(path) as image:
+                # convert() also forces the lazy decode while the file is still open.
+                return image.convert("RGB")
+        except FileNotFoundError as error:
+            raise ImageLoadError(path, "file not found") from error
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            # PIL reports corrupt/truncated files with these (UnidentifiedImageError is an OSError).
+            raise ImageLoadError(path, f"cannot decode it ({type(error).__name__}: {error})") from error
+
+
+class CaptionTrainDataset(_ImageFileDataset):
+    """Training samples ``(image (3,H,W) float32, caption str, image_id int)``, one per caption.
+
+    Captions are normalised with BLIP's `pre_caption(caption, max_words)` at construction, so
+    an annotation that normalises to "" fails immediately (naming file and index) rather than
+    silently training on an empty target mid-epoch.
+    """
+
+    def __init__(
+        self,
+        annotation_files: str | Path | Sequence[str | Path],
+        image_root: str | Path,
+        transform: Callable[[Image.Image], torch.Tensor],
+        max_words: int = 30,
+    ):
+        super().__init__(image_root, transform)
+        if isinstance(annotation_files, (str, Path)):
+            annotation_files = [annotation_files]
+        self.annotation_files = [Path(file) for file in annotation_files]
+        if not self.annotation_files:
+            raise ValueError("CaptionTrainDataset needs at least one annotation file")
+        self.max_words = max_words
+        # (relative image path, normalised caption, image id); tuples keep ~0.5M COCO samples small.
+        self.samples: list[tuple[str, str, int]] = []
+        for path in self.annotation_files:
+            for index, entry in enumerate(load_annotations(path)):
+                image_id = _image_id_of(path, index, entry)
+                for raw in _captions_of(entry):
+                    caption = _normalised_caption(path, index, raw, max_words)
+                    self.samples.append((entry["image"], caption, image_id))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+        image_path, caption, image_id = self.samples[index]
+        image = self._load_image(self.image_root / image_path)
+        return self.transform(image), caption, image_id
+
+
+class CaptionEvalDataset(_ImageFileDataset):
+    """Evaluation samples ``(image (3,H,W) float32, image_id int)``, one per image.
+
+    Attributes:
+        image_ids: ids in file order (index i of the dataset is image_ids[i]).
+        references: image_id -> reference captions normalised with `pre_caption(max_words=None)`,
+            for metrics that compare text directly; COCO metrics use `build_coco_gt` instead,
+            because pycocoevalcap applies its own tokenisation to the raw text.
+    """
+
+    def __init__(
+        self,
+        annotation_file: str | Path,
+        image_root: str | Path,
+        transform: Callable[[Image.Image], torch.Tensor],
+    ):
+        super().__init__(image_root, transform)
+        self.annotation_file = Path(annotation_file)
+        entries = read_eval_entries(self.annotation_file)
+        self.image_paths: list[str] = [entry.image for entry in entries]
+        self.image_ids: list[int] = [entry.image_id for entry in entries]
+        self.references: dict[int, list[str]] = {
+            entry.image_id: [pre_caption(raw, max_words=None) for raw in entry.captions] for entry in entries
+        }
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self._load_image(self.image_root / self.image_paths[index])
+        return self.transform(image), self.image_ids[index]
+
+
+def build_coco_gt(annotation_file: str | Path) -> dict:
+    """COCO caption ground truth (the dict pycocotools' `COCO` loads) from a val/test file.
+
+    BLIP publishes COCO-format GT for COCO only; Flickr30K (and the toy set) need it built from
+    the Karpathy-style file. Image ids come from file names; annotation ids are 1, 2, ... in file
+    order. Captions are raw, not `pre_caption`-ed, because pycocoevalcap tokenises them itself.
+
+    Returns:
+        ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption", "id"}],
+        "type": "captions", "info": {}, "licenses": []}``
+    """
+    images = []
+    annotations = []
+    for entry in read_eval_entries(annotation_file):
+        images.append({"id": entry.image_id, "file_name": entry.image})
+        for caption in entry.captions:
+            annotations.append({"image_id": entry.image_id, "caption": caption, "id": len(annotations) + 1})
+    return {"images": images, "annotations": annotations, "type": "captions", "info": {}, "licenses": []}
+
+
+def caption_collate(batch: Sequence[tuple[torch.Tensor, str, int]]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Train batch -> ``(images (B,3,H,W), captions list[str] of length B, image_ids int64 (B,))``.
+
+    Captions stay strings so that data/ needs no tokenizer; the caller tokenises the batch once.
+    """
+    images, captions, image_ids = zip(*batch)
+    return torch.stack(images), list(captions), torch.tensor(image_ids, dtype=torch.long)
+
+
+def eval_collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval batch -> ``(images (B,3,H,W), image_ids int64 (B,))``."""
+    images, image_ids = zip(*batch)
+    return torch.stack(images), torch.tensor(image_ids, dtype=torch.long)
