@@ -1,0 +1,407 @@
+"""The training and evaluation flow shared by train_caption.py and eval_caption.py.
+
+Builders turn the resolved config into a captioner, loaders and an optimizer; ``train_one_epoch``,
+``generate_captions`` and ``evaluate`` are the loop pieces; ``run_training`` and ``run_evaluation`` wire them.
+Launch commands are in README.md; both entry points work under torchrun and as a plain ``python`` process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+import utils
+from data import (
+    CaptionEvalDataset,
+    CaptionTrainDataset,
+    build_coco_gt,
+    build_eval_transform,
+    build_train_transform,
+    caption_collate,
+    eval_collate,
+)
+from models import BlipCaptioner, CaptionObjective, load_pretrained
+
+logger = logging.getLogger("smile_blip")
+
+CONFIG_DEFAULTS = Path(__file__).resolve().parent / "configs" / "default.yaml"
+FREE_FORM_KEYS = {"objective", "model.arch"}
+CHECKPOINT_FORMAT = "smile-blip-checkpoint-v1"
+
+
+def load_config(path: str | Path, overrides=()) -> dict:
+    """Resolve defaults <- file <- overrides, validate every key and type, and check the objective spec."""
+    config = utils.load_config(path, overrides, defaults_path=CONFIG_DEFAULTS, free_form=FREE_FORM_KEYS)
+    try:
+        CaptionObjective(config["objective"])
+    except ValueError as error:
+        raise utils.ConfigError(f"{path}: objective: {error}") from None
+    if config["eval"]["split"] not in ("val", "test"):
+        raise utils.ConfigError(f"eval.split must be val or test, got {config['eval']['split']!r}")
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_data_paths(config: dict) -> dict:
+    """Fill in the toy dataset's paths when ``data.toy`` is set (building it on first use)."""
+    data_config = config["data"]
+    if not data_config["toy"]:
+        return config
+    from data import ensure_toy_dataset
+
+    paths = ensure_toy_dataset(data_config["toy_root"])
+    data_config.update(
+        image_root=str(paths["image_root"]), train_files=[str(paths["train_file"])],
+        val_file=str(paths["val_file"]), val_gt=str(paths["val_gt"]),
+        test_file=str(paths["test_file"]), test_gt=str(paths["test_gt"]),
+    )
+    return config
+
+
+def ensure_pretrained(config: dict) -> None:
+    """Run ``model.pretrained_recipe`` when ``model.pretrained`` names a local file that does not exist yet."""
+    model_config = config["model"]
+    source, recipe = model_config["pretrained"], model_config["pretrained_recipe"]
+    if not source or not recipe or str(source).startswith(("http://", "https://")) or Path(source).exists():
+        return
+    logger.info("%s does not exist: training %s first to create it", source, recipe)
+    run_training(resolve_data_paths(load_config(recipe)))
+    if not Path(source).exists():
+        raise FileNotFoundError(f"model.pretrained_recipe {recipe} ran but did not create {source}")
+
+
+def build_captioner(config: dict, device: torch.device, pretrained: str | None = None) -> BlipCaptioner:
+    """The captioner with ``pretrained`` (default: ``model.pretrained``) loaded, on ``device``."""
+    model_config = config["model"]
+    captioner = BlipCaptioner.build(
+        arch=model_config["arch"],
+        image_size=model_config["image_size"],
+        tokenizer=model_config["tokenizer"],
+        prompt=model_config["prompt"],
+        max_text_length=model_config["max_text_length"],
+        gradient_checkpointing=model_config["gradient_checkpointing"],
+    )
+    source = pretrained or model_config["pretrained"]
+    if source:
+        load_pretrained(captioner, source, cache_dir=Path(model_config["cache_dir"]).expanduser(),
+                        strict=model_config["strict_loading"])
+    return captioner.to(device)
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, collate, config: dict, seed: int = 0):
+    """A DistributedSampler even in one process, so a run's data order depends only on the global batch."""
+    sampler = DistributedSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
+                                 shuffle=shuffle, seed=seed, drop_last=shuffle)
+    workers = config["data"]["num_workers"]
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), drop_last=shuffle, persistent_workers=workers > 0,
+    )
+    return loader, sampler
+
+
+def build_train_loader(config: dict, image_size: int):
+    data_config = config["data"]
+    if not data_config["train_files"]:
+        raise utils.ConfigError("data.train_files is empty: nothing to train on (or set data.toy: true)")
+    if data_config["augment"]:
+        transform = build_train_transform(image_size, min_scale=data_config["min_scale"],
+                                          randaugment=data_config["randaugment"],
+                                          horizontal_flip=data_config["horizontal_flip"])
+    else:
+        transform = build_eval_transform(image_size)
+    dataset = CaptionTrainDataset(data_config["train_files"], data_config["image_root"], transform,
+                                  max_words=data_config["max_words"])
+    return _loader(dataset, config["train"]["batch_size"], True, caption_collate, config, seed=config["seed"])
+
+
+def build_eval_loader(config: dict, split: str, image_size: int):
+    """(loader, COCO-format GT dict) for ``split``; the GT is built from the annotation file when not given."""
+    data_config = config["data"]
+    annotation_file, gt_file = data_config[f"{split}_file"], data_config[f"{split}_gt"]
+    if not annotation_file:
+        raise utils.ConfigError(f"data.{split}_file is not set: cannot evaluate on {split}")
+    dataset = CaptionEvalDataset(annotation_file, data_config["image_root"], build_eval_transform(image_size))
+    if gt_file:
+        with open(gt_file) as handle:
+            gt = json.load(handle)
+    else:
+        gt = build_coco_gt(annotation_file)
+    max_images = config["eval"]["max_images"]
+    if max_images:
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+        kept = {int(i) for i in (dataset.dataset.image_ids[j] for j in dataset.indices)}
+        gt = {**gt, "images": [im for im in gt["images"] if im["id"] in kept],
+              "annotations": [a for a in gt["annotations"] if a["image_id"] in kept]}
+    loader, _ = _loader(dataset, config["eval"]["batch_size"], False, eval_collate, config)
+    return loader, gt
+
+
+def build_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
+    """AdamW as BLIP (weight decay on every parameter); fused on CUDA."""
+    train_config = config["train"]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=train_config["lr"], weight_decay=train_config["weight_decay"],
+                             fused=fused)
+
+
+def learning_rate(config: dict, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    train_config = config["train"]
+    schedule, base, floor = train_config["schedule"], train_config["lr"], train_config["min_lr"]
+    if schedule == "constant":
+        return base
+    if schedule == "cosine_epoch":  # BLIP: one value per epoch, cosine over the epochs
+        return utils.cosine_lr(epoch, train_config["epochs"], base, floor)
+    if schedule == "cosine_step":
+        total = train_config["epochs"] * steps_per_epoch
+        if train_config["max_steps"]:
+            total = min(total, train_config["max_steps"])
+        return utils.cosine_lr(epoch * steps_per_epoch + step_in_epoch, total, base, floor)
+    raise utils.ConfigError(f"train.schedule must be cosine_epoch, cosine_step or constant, got {schedule!r}")
+
+
+def autocast_context(config: dict, device: torch.device):
+    if device.type == "cuda" and config["train"]["amp"]:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loop pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionObjective, optimizer, config: dict,
+                    epoch: int, global_step: int, log: utils.JsonlLogger, device: torch.device) -> tuple[int, dict]:
+    """One pass over ``loader``; returns (global step, epoch statistics).
+
+    ``model`` is the (possibly DDP-wrapped) captioner used for the forward pass; ``captioner`` is the bare module
+    (tokenizer, targets). Loss values stay on the device and are read only every ``log_every`` steps.
+    """
+    train_config = config["train"]
+    model.train()
+    steps_per_epoch = len(loader)
+    max_steps = train_config["max_steps"]
+    running = torch.zeros((), device=device)
+    running_count = 0
+    epoch_sum, epoch_count = torch.zeros((), device=device), 0
+    progress = tqdm(loader, desc=f"epoch {epoch}", disable=not utils.is_main(), dynamic_ncols=True)
+    start = time.perf_counter()
+    for step_in_epoch, (images, captions, image_ids) in enumerate(progress):
+        if max_steps and global_step >= max_steps:
+            break
+        lr = learning_rate(config, epoch, step_in_epoch, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(device, non_blocking=True)
+        input_ids, attention_mask = captioner.tokenize(captions)
+        targets = captioner.build_targets(input_ids, attention_mask)
+        with autocast_context(config, device):
+            logits = model(images, input_ids, attention_mask)
+        loss, parts = objective(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_config["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config["grad_clip"])
+        optimizer.step()
+        global_step += 1
+        running += loss.detach()
+        running_count += 1
+        epoch_sum += loss.detach()
+        epoch_count += 1
+        if global_step % train_config["log_every"] == 0:
+            mean_loss = utils.all_reduce_mean(running / running_count).item()
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            log.log(kind="train", epoch=epoch, step=global_step, loss=mean_loss, lr=lr,
+                    **{f"loss_{name}": value.item() for name, value in parts.items()})
+            running.zero_()
+            running_count = 0
+    elapsed = time.perf_counter() - start
+    mean = utils.all_reduce_mean(epoch_sum / max(epoch_count, 1)).item()
+    stats = {"loss": mean, "steps": epoch_count, "seconds": elapsed,
+             "images_per_second": epoch_count * train_config["batch_size"] * utils.get_world_size() / max(elapsed, 1e-9)}
+    return global_step, stats
+
+
+def generation_options(config: dict) -> dict:
+    eval_config = config["eval"]
+    keys = ("sample", "num_beams", "max_length", "min_length", "top_p", "repetition_penalty")
+    return {key: eval_config[key] for key in keys}
+
+
+@torch.no_grad()
+def generate_captions(captioner: BlipCaptioner, loader, config: dict, device: torch.device) -> list[dict]:
+    """Captions for every image of ``loader``'s dataset, gathered from all ranks, one per image id, sorted.
+
+    The DistributedSampler pads the last shard by repeating images, so results are de-duplicated by image id.
+    """
+    captioner.eval()
+    options = generation_options(config)
+    local: list[dict] = []
+    for images, image_ids in tqdm(loader, desc="generate", disable=not utils.is_main(), dynamic_ncols=True):
+        with autocast_context(config, device):
+            captions = captioner.generate(images.to(device, non_blocking=True), **options)
+        local.extend({"image_id": int(i), "caption": c} for i, c in zip(image_ids.tolist(), captions))
+    by_id = {}
+    for shard in utils.all_gather_object(local):
+        for row in shard:
+            by_id.setdefault(row["image_id"], row)
+    return [by_id[i] for i in sorted(by_id)]
+
+
+def score(results: list[dict], gt: dict, config: dict, groups=("coco",), images_root=None) -> dict:
+    """Metrics on rank 0, broadcast to every rank (so all ranks take the same best-checkpoint decision)."""
+    metrics = None
+    if utils.is_main():
+        from metrics.suite import compute_metrics
+
+        eval_config = config["eval"]
+        metrics = compute_metrics(results, gt, metrics=list(groups), images_root=images_root,
+                                  clip_model=eval_config["clip_model"], ppl_model=eval_config["ppl_model"])
+    return utils.broadcast_object(metrics)
+
+
+def evaluate(captioner: BlipCaptioner, loader, gt: dict, config: dict, device: torch.device,
+             groups=("coco",)) -> tuple[list[dict], dict]:
+    """Generate for every image in ``loader`` and score against ``gt``: (results, metrics)."""
+    results = generate_captions(captioner, loader, config, device)
+    return results, score(results, gt, config, groups, images_root=config["data"]["image_root"])
+
+
+def selection_score(metrics: dict) -> float:
+    """BLIP's model selection: CIDEr + BLEU-4."""
+    return metrics["CIDEr"] + metrics["Bleu_4"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, captioner: BlipCaptioner, config: dict, **extra) -> None:
+    """Rank 0 writes ``{format, model, config, ...}`` atomically; loadable with ``weights_only=True``."""
+    if utils.is_main():
+        state = {"format": CHECKPOINT_FORMAT, "model": captioner.model.state_dict(), "config": config, **extra}
+        utils.atomic_torch_save(state, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flows
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(config: dict) -> Path:
+    output_dir = Path(config["output_dir"])
+    if utils.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write_text(output_dir / "config.yaml", _dump_yaml(config))
+    utils.barrier()
+    return output_dir
+
+
+def _dump_yaml(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def run_training(config: dict) -> dict:
+    """Train per ``config``; returns a summary with the best validation and the test metrics.
+
+    Assumes the process group (if any) is initialised and data paths are resolved.
+    """
+    device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
+    output_dir = prepare_output_dir(config)
+    ensure_pretrained(config)
+    utils.seed_everything(config["seed"] + utils.get_rank())
+    # Same initial weights on every rank even without a checkpoint: seed the model build identically.
+    torch.manual_seed(config["seed"])
+    captioner = build_captioner(config, device)
+    utils.seed_everything(config["seed"] + utils.get_rank())
+    model = captioner
+    if utils.is_distributed():
+        model = DistributedDataParallel(captioner, device_ids=[device.index] if device.type == "cuda" else None)
+    objective = CaptionObjective(config["objective"])
+    optimizer = build_optimizer(captioner, config)
+    train_loader, sampler = build_train_loader(config, captioner.image_size)
+    val_loader, val_gt = build_eval_loader(config, "val", captioner.image_size) if config["train"]["validate"] else (None, None)
+    log = utils.JsonlLogger(output_dir / "log.jsonl")
+    logger.info("objective %s; %d training captions, %d steps per epoch, %d process(es)", objective,
+                len(train_loader.dataset), len(train_loader), utils.get_world_size())
+
+    best_score, best_metrics, global_step = -math.inf, None, 0
+    for epoch in range(config["train"]["epochs"]):
+        sampler.set_epoch(epoch)
+        global_step, stats = train_one_epoch(model, captioner, train_loader, objective, optimizer, config, epoch,
+                                             global_step, log, device)
+        log.log(kind="epoch", epoch=epoch, step=global_step, **stats)
+        logger.info("epoch %d: loss %.4f, %.1f images/s", epoch, stats["loss"], stats["images_per_second"])
+        if val_loader is not None:
+            results, metrics = evaluate(captioner, val_loader, val_gt, config, device)
+            log.log(kind="val", epoch=epoch, step=global_step, **metrics)
+            logger.info("epoch %d val: %s", epoch, _format_metrics(metrics))
+            if utils.is_main():
+                utils.write_json(output_dir / f"val_epoch{epoch}_results.json", results)
+            if selection_score(metrics) > best_score:
+                best_score, best_metrics = selection_score(metrics), metrics
+                save_checkpoint(output_dir / "checkpoint_best.pth", captioner, config, epoch=epoch,
+                                step=global_step, metrics=metrics)
+        save_checkpoint(output_dir / "checkpoint_latest.pth", captioner, config, epoch=epoch, step=global_step,
+                        optimizer=optimizer.state_dict(), best_score=best_score)
+        if config["train"]["max_steps"] and global_step >= config["train"]["max_steps"]:
+            break
+    if val_loader is None:  # no selection possible: the last epoch is the one to keep
+        save_checkpoint(output_dir / "checkpoint_best.pth", captioner, config, epoch=epoch, step=global_step)
+    utils.barrier()
+
+    summary = {"best_val": best_metrics, "steps": global_step}
+    if config["train"]["test_after_training"] and config["data"]["test_file"]:
+        best = torch.load(output_dir / "checkpoint_best.pth", map_location="cpu", weights_only=True)
+        captioner.model.load_state_dict(best["model"])
+        test_loader, test_gt = build_eval_loader(config, "test", captioner.image_size)
+        results, metrics = evaluate(captioner, test_loader, test_gt, config, device)
+        if utils.is_main():
+            utils.write_json(output_dir / "test_results.json", results)
+            utils.write_json(output_dir / "test_metrics.json", metrics)
+        log.log(kind="test", step=global_step, **metrics)
+        logger.info("test (best checkpoint): %s", _format_metrics(metrics))
+        summary["test"] = metrics
+    if utils.is_main():
+        utils.write_json(output_dir / "summary.json", summary)
+    return summary
+
+
+def run_evaluation(config: dict, checkpoint: str | None = None, split: str | None = None) -> dict:
+    """Generate and score ``split`` (default ``eval.split``) with ``checkpoint`` (default ``model.pretrained``).
+
+    Writes ``eval_<split>_results.json`` and ``eval_<split>_metrics.json`` into ``output_dir``.
+    """
+    device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
+    split = split or config["eval"]["split"]
+    output_dir = prepare_output_dir(config)
+    captioner = build_captioner(config, device, pretrained=checkpoint)
+    loader, gt = build_eval_loader(config, split, captioner.image_size)
+    results = generate_captions(captioner, loader, config, device)
+    if utils.is_main():
+        utils.write_json(output_dir / f"eval_{split}_results.json", results)  # kept even if scoring fails
+    metrics = score(results, gt, config, config["eval"]["metrics"], images_root=config["data"]["image_root"])
+    if utils.is_main():
+        utils.write_json(output_dir / f"eval_{split}_metrics.json", metrics)
+    logger.info("%s: %s", split, _format_metrics(metrics))
+    return metrics
+
+
+def _format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

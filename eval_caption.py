@@ -1,0 +1,64 @@
+"""Evaluate captions: generate with a checkpoint and score them, or score an existing results file.
+
+    # generate on eval.split with model.pretrained (or --checkpoint), then score eval.metrics
+    python eval_caption.py --config configs/toy/smile.yaml --checkpoint runs/toy/smile/checkpoint_best.pth
+    torchrun --nproc_per_node 8 eval_caption.py --config configs/coco/eval_released.yaml
+
+    # score captions from any system, no captioning model involved
+    python eval_caption.py --results RESULTS.json --annotations GT_COCO.json [--images-root DIR] \\
+        [--metrics coco,length,diversity,retrieval,clipscore,ppl] [--clip-model ID_OR_DIR] [--ppl-model ID_OR_DIR] \\
+        [--out metrics.json]
+"""
+import argparse
+import json
+
+import engine
+import utils
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_mode = parser.add_argument_group("generate and score (needs --config)")
+    model_mode.add_argument("--config", help="experiment YAML")
+    model_mode.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    model_mode.add_argument("--checkpoint", help="weights to evaluate (default: model.pretrained)")
+    model_mode.add_argument("--split", choices=["val", "test"], help="default: eval.split")
+    file_mode = parser.add_argument_group("score a results file (needs --results and --annotations)")
+    file_mode.add_argument("--results", help='JSON list of {"image_id", "caption"}')
+    file_mode.add_argument("--annotations", help="COCO-format caption ground truth")
+    file_mode.add_argument("--images-root", help="folder holding the GT's file_name paths (image metrics)")
+    file_mode.add_argument("--metrics", help="comma-separated metric groups (default: coco,length,diversity)")
+    file_mode.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
+    file_mode.add_argument("--ppl-model", default="gpt2")
+    file_mode.add_argument("--out", help="write the metrics JSON here")
+    args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.results):
+        parser.error("give either --config (generate and score) or --results with --annotations (score a file)")
+    if args.results and not args.annotations:
+        parser.error("--results needs --annotations")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.results:
+        from metrics.suite import score_results_file
+
+        utils.setup_logging()
+        metrics = score_results_file(
+            args.results, args.annotations, images_root=args.images_root,
+            metrics=args.metrics.split(",") if args.metrics else None,
+            clip_model=args.clip_model, ppl_model=args.ppl_model, out=args.out,
+        )
+        print(json.dumps(metrics, indent=2))
+        return metrics
+    config = engine.load_config(args.config, args.opt)
+    utils.setup_logging(config["output_dir"])
+    try:
+        return engine.run_evaluation(engine.resolve_data_paths(config), checkpoint=args.checkpoint, split=args.split)
+    finally:
+        utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Project-independent helpers: YAML configs with inheritance, distributed no-op-able wrappers, logging, schedules.
+
+Imports nothing from this repository, so every layer can use it.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+logger = logging.getLogger("smile_blip")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config: a YAML file may name a `base:` file (relative to itself); keys merge recursively, the child winning.
+# Every key must exist in the defaults file with a compatible type, so a typo fails at start-up.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it and lists the valid choices."""
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as handle:
+            content = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(content).__name__}")
+    return content
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge; mappings merge, anything else in ``override`` replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_yaml_with_bases(path: str | Path, _seen: tuple = ()) -> dict:
+    """A config file with its ``base:`` chain resolved (the base path is relative to the file naming it)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config inheritance loops: {' -> '.join(map(str, _seen + (path,)))}")
+    content = _read_yaml(path)
+    base = content.pop("base", None)
+    if base is None:
+        return content
+    return merge(load_yaml_with_bases(path.parent / base, _seen + (path,)), content)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (['a', 'b'], value parsed as YAML, so numbers, booleans, lists and null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like KEY=VALUE (dotted keys for nested values)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
+    config = copy.deepcopy(config)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = config
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    return config
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def validate(config: dict, defaults: dict, free_form: set[str] = frozenset(), _prefix: str = "") -> None:
+    """Every key of ``config`` must exist in ``defaults`` with a compatible type.
+
+    A default of ``null`` accepts anything; an int default accepts a float only if it is integral; a float default
+    accepts an int. Keys listed in ``free_form`` (dotted) are not checked below themselves.
+    """
+    for key, value in config.items():
+        dotted = f"{_prefix}{key}"
+        if key not in defaults:
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {sorted(defaults)}")
+        default = defaults[key]
+        if dotted in free_form or default is None or value is None:
+            continue
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted!r} must be a mapping with keys {sorted(default)}, got {value!r}")
+            validate(value, default, free_form, dotted + ".")
+        elif isinstance(default, bool) or isinstance(value, bool):
+            if not (isinstance(default, bool) and isinstance(value, bool)):
+                raise ConfigError(f"config key {dotted!r} must be {_type_name(default)}, got {value!r}")
+        elif isinstance(default, float) and isinstance(value, int):
+            continue
+        elif not isinstance(value, type(default)):
+            raise ConfigError(f"config key {dotted!r} must be {_type_name(default)}, got {_type_name(value)} {value!r}")
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), defaults_path: str | Path | None = None,
+                free_form: set[str] = frozenset()) -> dict:
+    """The resolved config: defaults <- file (with its bases) <- ``--opt`` overrides, validated."""
+    defaults = _read_yaml(Path(defaults_path)) if defaults_path else {}
+    content = apply_overrides(load_yaml_with_bases(path), overrides)
+    if defaults_path:
+        validate(content, defaults, free_form)
+    return merge(defaults, content)
+
+
+def get_by_path(config: dict, dotted: str) -> Any:
+    node = config
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed: everything degrades to a no-op in a plain single process.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> torch.device:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK), or stay single-process.
+
+    nccl when the device is CUDA, gloo otherwise (so a CPU run under torchrun works too). Returns this
+    process's device.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=torch_device if backend == "nccl" else None,
+        )
+    return torch_device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank; before the group is joined, torchrun's RANK variable (0 in a plain process)."""
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order; ``[value]`` in a single process."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``value`` on every rank (rank 0 decides, the others follow)."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor / get_world_size()
+
+
+def cleanup_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds, logging, files, schedules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_logging(output_dir: str | Path | None = None) -> None:
+    """Rank 0 logs INFO to the console (and ``output_dir/train.log``); other ranks log warnings only."""
+    level = logging.INFO if is_main() else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if output_dir is not None and is_main():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
+        temporary = handle.name
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+class JsonlLogger:
+    """Appends one JSON object per line; only rank 0 writes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def log(self, **record: Any) -> None:
+        if not is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def cosine_lr(step_or_epoch: float, total: float, base_lr: float, min_lr: float = 0.0) -> float:
+    """BLIP's cosine schedule: ``min_lr + (base_lr - min_lr) * (1 + cos(pi * t / T)) / 2``."""
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step_or_epoch / max(total, 1)))
