@@ -28,7 +28,7 @@ from data import (
     caption_collate,
     eval_collate,
 )
-from models import BlipCaptioner, CaptionObjective, load_pretrained
+from models import IGNORE_INDEX, BlipCaptioner, CaptionObjective, load_pretrained
 
 logger = logging.getLogger("smile_blip")
 
@@ -55,13 +55,18 @@ def load_config(path: str | Path, overrides=()) -> dict:
 
 
 def resolve_data_paths(config: dict) -> dict:
-    """Fill in the toy dataset's paths when ``data.toy`` is set (building it on first use)."""
+    """Fill in the toy dataset's paths (and its vocab as tokenizer, if none is set) when ``data.toy`` is set.
+
+    The toy set is built on first use; concurrent ranks wait for one builder (a file lock).
+    """
     data_config = config["data"]
     if not data_config["toy"]:
         return config
     from data import ensure_toy_dataset
 
     paths = ensure_toy_dataset(data_config["toy_root"])
+    if config["model"]["tokenizer"] is None:
+        config["model"]["tokenizer"] = str(paths["vocab_file"])
     data_config.update(
         image_root=str(paths["image_root"]), train_files=[str(paths["train_file"])],
         val_file=str(paths["val_file"]), val_gt=str(paths["val_gt"]),
@@ -183,6 +188,21 @@ def autocast_context(config: dict, device: torch.device):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def token_share(targets: torch.Tensor) -> torch.Tensor:
+    """world_size x (this rank's scored tokens / all ranks' scored tokens); 1 in a single process.
+
+    Objectives average over this rank's tokens, and DDP averages gradients over ranks; scaling by this share
+    makes the result the mean over *all* tokens of the global batch, so N processes with batch B/N train exactly
+    like one process with batch B (ranks with shorter captions would otherwise count for more).
+    """
+    if not utils.is_distributed():
+        return torch.ones((), device=targets.device)
+    local = (targets != IGNORE_INDEX).sum().float()
+    total = local.clone()
+    torch.distributed.all_reduce(total)
+    return local * utils.get_world_size() / total.clamp(min=1)
+
+
 def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionObjective, optimizer, config: dict,
                     epoch: int, global_step: int, log: utils.JsonlLogger, device: torch.device) -> tuple[int, dict]:
     """One pass over ``loader``; returns (global step, epoch statistics).
@@ -211,6 +231,7 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
         with autocast_context(config, device):
             logits = model(images, input_ids, attention_mask)
         loss, parts = objective(logits, targets)
+        loss = loss * token_share(targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train_config["grad_clip"]:
@@ -317,10 +338,10 @@ def _dump_yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def run_training(config: dict) -> dict:
-    """Train per ``config``; returns a summary with the best validation and the test metrics.
+def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
+    """Train per ``config``; returns (summary with the best validation and the test metrics, trained captioner).
 
-    Assumes the process group (if any) is initialised and data paths are resolved.
+    Joins the process group torchrun describes, if any. Data paths must be resolved (``resolve_data_paths``).
     """
     device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
     output_dir = prepare_output_dir(config)
@@ -380,7 +401,7 @@ def run_training(config: dict) -> dict:
         summary["test"] = metrics
     if utils.is_main():
         utils.write_json(output_dir / "summary.json", summary)
-    return summary
+    return summary, captioner
 
 
 def run_evaluation(config: dict, checkpoint: str | None = None, split: str | None = None) -> dict:

@@ -22,11 +22,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    """Returns the run summary (best validation metrics, test metrics of the best checkpoint)."""
     args = parse_args(argv)
     config = engine.load_config(args.config, args.opt)
     utils.setup_logging(config["output_dir"])
     try:
-        return engine.run_training(engine.resolve_data_paths(config))
+        summary, _ = engine.run_training(engine.resolve_data_paths(config))
+        return summary
     finally:
         utils.cleanup_distributed()
 

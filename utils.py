@@ -97,11 +97,20 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def validate(config: dict, defaults: dict, free_form: set[str] = frozenset(), _prefix: str = "") -> None:
     """Every key of ``config`` must exist in ``defaults`` with a compatible type.
 
-    A default of ``null`` accepts anything; an int default accepts a float only if it is integral; a float default
-    accepts an int. Keys listed in ``free_form`` (dotted) are not checked below themselves.
+    A default of ``null`` accepts anything. A float default accepts an int or a numeric string such as ``1e-5``
+    (which YAML 1.1 leaves a string) and converts it in place. Keys listed in ``free_form`` (dotted) are not
+    checked below themselves.
     """
     for key, value in config.items():
         dotted = f"{_prefix}{key}"
@@ -118,7 +127,9 @@ def validate(config: dict, defaults: dict, free_form: set[str] = frozenset(), _p
             if not (isinstance(default, bool) and isinstance(value, bool)):
                 raise ConfigError(f"config key {dotted!r} must be {_type_name(default)}, got {value!r}")
         elif isinstance(default, float) and isinstance(value, int):
-            continue
+            config[key] = float(value)
+        elif isinstance(default, float) and isinstance(value, str) and _is_float(value):
+            config[key] = float(value)  # PyYAML (YAML 1.1) reads 1e-5 as a string; 1.0e-5 would be a float
         elif not isinstance(value, type(default)):
             raise ConfigError(f"config key {dotted!r} must be {_type_name(default)}, got {_type_name(value)} {value!r}")
 
