@@ -1,0 +1,45 @@
+"""Small helpers shared by the model-based metrics (CLIP, GPT-2): device choice and batching."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when available and CPU otherwise (the metrics' default)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most `batch_size` items."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token-id lists into ``(ids (B, T) long, mask (B, T) long)``.
+
+    Right padding keeps every real token at positions 0..len-1, so causal models (GPT-2, CLIP's
+    text tower) see exactly what they would see unpadded: padding only ever comes *after* the
+    tokens it could otherwise influence.
+    """
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_value=pad_id
+    )
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return ids, mask
+
+
+def hf_features(output) -> torch.Tensor:
+    """The projected embedding from CLIPModel.get_{text,image}_features.
+
+    transformers 4.x returns the tensor itself; 5.x returns a BaseModelOutputWithPooling whose
+    ``pooler_output`` holds the projection. requirements.txt allows both.
+    """
+    return output if isinstance(output, torch.Tensor) else output.pooler_output

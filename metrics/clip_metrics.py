@@ -1,0 +1,460 @@
+"""CLIP-based descriptiveness metrics: self-retrieval R@K, CLIPScore and RefCLIPScore.
+
+Definitions (the SMILE authors' choices, CLIP ViT-B/32 = ``openai/clip-vit-base-patch32``):
+
+* **Self-retrieval R@K** -- each generated caption, as it is (no prompt prefix), queries a pool
+  of images, text to image, by cosine similarity of L2-normalised CLIP embeddings. The caption's
+  own image has rank r = number of pool images with a *strictly greater* similarity; R@K is
+  100 x the fraction of captions with r < K. Ties therefore resolve in the caption's favour, which
+  makes the result independent of pool order (exact ties only happen with duplicate images).
+* **CLIPScore** (Hessel et al. 2021) -- 100 x mean over images of ``w * max(cos(image, text), 0)``
+  with w = 2.5 and text = ``"A photo depicts " + caption``.
+* **RefCLIPScore** -- 100 x mean over images of the harmonic mean of that per-image CLIPScore term
+  and ``max over references of cos(candidate, reference)`` (raw cosine: no weight, no clipping),
+  references carrying the same prefix, as in Hessel's reference code. Where both terms are 0 the
+  harmonic mean is taken as 0 (Hessel's code divides 0 by 0 there).
+
+Text is truncated to CLIP's context (77 tokens for ViT-B/32) by the tokenizer, as Hessel's
+``clip.tokenize(truncate=True)`` does: the first 75 text tokens between start and end tokens.
+Embeddings are computed in fp32, in batches, on `device` (CUDA when available).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ._common import batch_slices, hf_features, pad_right, resolve_device
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+CLIPSCORE_PREFIX = "A photo depicts"
+CLIPSCORE_WEIGHT = 2.5
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+ImageInput = str | Path | Image.Image
+
+
+@dataclass
+class ClipBundle:
+    """A CLIP model with its tokenizer and image processor, in eval mode, fp32, on `device`."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    device: torch.device
+    name: str
+
+    @property
+    def context_length(self) -> int:
+        """Text positions the model has (77 for OpenAI CLIP); texts are truncated to this."""
+        return int(self.model.config.text_config.max_position_embeddings)
+
+
+def load_clip(model_id_or_dir: str | Path | ClipBundle, device: str | torch.device | None = None) -> ClipBundle:
+    """Load CLIPModel + tokenizer + image processor from a hub id or a local directory.
+
+    A `ClipBundle` passes through unchanged, so every function below accepts either.
+    """
+    if isinstance(model_id_or_dir, ClipBundle):
+        return model_id_or_dir
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    source = str(model_id_or_dir)
+    try:
+        model = CLIPModel.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        where = "local directory" if Path(source).is_dir() else "hub id (and not an existing local directory)"
+        raise OSError(
+            f"could not load CLIP from {source!r} ({where}): {err}. Pass a directory holding a saved "
+            "CLIPModel, its tokenizer and its image processor, or a hub id reachable from this machine."
+        ) from err
+    device = resolve_device(device)
+    return ClipBundle(model.float().eval().to(device), tokenizer, image_processor, device, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------
+class _Images(torch.utils.data.Dataset):
+    """Images as RGB PIL images, read lazily so DataLoader workers decode in parallel."""
+
+    def __init__(self, images: Sequence[ImageInput]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        image = self.images[index]
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise OSError(f"cannot read image {image}: {err}") from err
+
+
+class _Preprocess:
+    """Collate function: the CLIP image processor over a batch (runs inside the worker)."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, batch: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+
+
+def check_image_files(paths: Sequence[ImageInput], what: str = "image files") -> None:
+    """Raise FileNotFoundError naming the missing files (count and the first ten); PIL images pass."""
+    missing = [str(p) for p in paths if not isinstance(p, Image.Image) and not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} do not exist, e.g. {missing[:10]}")
+
+
+@torch.inference_mode()
+def encode_images(
+    images: Sequence[ImageInput],
+    clip: ClipBundle | str | Path,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings.
+
+    Args:
+        images: file paths or PIL images.
+        clip: a `ClipBundle`, hub id or directory.
+        num_workers: DataLoader workers decoding images; None -> min(4, CPUs) for files, 0 for
+            in-memory PIL images (nothing to decode).
+
+    Returns:
+        ``(N, D)`` fp32 tensor on the CPU, rows of unit norm, in input order.
+    """
+    clip = load_clip(clip, device)
+    check_image_files(images)
+    if num_workers is None:
+        on_disk = any(not isinstance(im, Image.Image) for im in images)
+        num_workers = min(4, os.cpu_count() or 1) if on_disk and len(images) > batch_size else 0
+    loader = torch.utils.data.DataLoader(
+        _Images(images), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=_Preprocess(clip.image_processor),
+    )
+    features = []
+    with tqdm(total=len(images), desc="CLIP images", unit="img", disable=not progress) as bar:
+        for pixels in loader:  # (B, 3, H, W)
+            out = hf_features(clip.model.get_image_features(pixel_values=pixels.to(clip.device, torch.float32)))
+            features.append(F.normalize(out.float(), dim=-1).cpu())
+            bar.update(len(pixels))
+    return torch.cat(features) if features else torch.empty(0, clip.model.config.projection_dim)
+
+
+@torch.inference_mode()
+def encode_texts(
+    texts: Sequence[str],
+    clip: ClipBundle | str | Path,
+    prefix: str = "",
+    batch_size: int = 256,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """L2-normalised CLIP text embeddings of ``prefix + " " + text`` (or `text` when no prefix).
+
+    Texts are truncated to `ClipBundle.context_length` tokens and batched in order of length, so
+    each batch pads little; CLIP's text tower is causal and pools at the end token, so right
+    padding does not change an embedding.
+
+    Returns:
+        ``(N, D)`` fp32 tensor on the CPU, rows of unit norm, in input order.
+    """
+    clip = load_clip(clip, device)
+    if len(texts) == 0:
+        return torch.empty(0, clip.model.config.projection_dim)
+    if prefix and not prefix.endswith(" "):
+        prefix += " "  # Hessel's CLIPCapDataset does the same
+    ids = clip.tokenizer([prefix + t for t in texts], truncation=True, max_length=clip.context_length)["input_ids"]
+    pad_id = clip.tokenizer.pad_token_id if clip.tokenizer.pad_token_id is not None else clip.tokenizer.eos_token_id
+    order = torch.argsort(torch.tensor([len(x) for x in ids]), stable=True)
+    features = torch.empty(len(texts), clip.model.config.projection_dim)
+    with tqdm(total=len(texts), desc="CLIP texts", unit="text", disable=not progress) as bar:
+        for part in batch_slices(len(texts), batch_size):
+            index = order[part]
+            input_ids, mask = pad_right([ids[i] for i in index.tolist()], pad_id)  # (B, T)
+            out = hf_features(clip.model.get_text_features(
+                input_ids=input_ids.to(clip.device), attention_mask=mask.to(clip.device)))
+            features[index] = F.normalize(out.float(), dim=-1).cpu()
+            bar.update(len(index))
+    return features
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-retrieval
+# ---------------------------------------------------------------------------------------------
+def recall_at_k(
+    similarity: torch.Tensor, target_index: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """R@K in percent from a query-by-pool similarity matrix.
+
+    Args:
+        similarity: ``(num_queries, pool)``; higher means more similar.
+        target_index: ``(num_queries,)`` long, the pool column of each query's correct item.
+        ks: the cut-offs.
+
+    The rank of a query's target is the number of pool items with a strictly greater
+    similarity, so a tie with the target never pushes it down (see the module docstring).
+
+    Returns:
+        ``{"R@1": %, "R@5": %, ...}``.
+    """
+    if similarity.dim() != 2:
+        raise ValueError(f"similarity must be (num_queries, pool), got shape {tuple(similarity.shape)}")
+    _check_targets(target_index, similarity.shape[0], similarity.shape[1])
+    return recall_from_ranks(_ranks(similarity, target_index.to(similarity.device)), ks)
+
+
+def recall_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """``{"R@K": 100 * mean(rank < K)}`` for 0-based ranks ``(num_queries,)``."""
+    if len(ranks) == 0:
+        raise ValueError("no queries: cannot compute recall over an empty set")
+    return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
+
+
+def retrieval_ranks(
+    text_features: torch.Tensor,
+    image_features: torch.Tensor,
+    target_index: torch.Tensor,
+    chunk_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """0-based rank of each query's target image, computed in chunks of queries.
+
+    Args:
+        text_features: ``(Q, D)`` unit-norm query embeddings.
+        image_features: ``(P, D)`` unit-norm pool embeddings.
+        target_index: ``(Q,)`` long, pool row of each query's image.
+
+    Chunking keeps memory at ``chunk_size x P`` instead of ``Q x P`` (5k x 30k floats = 600 MB).
+
+    Returns:
+        ``(Q,)`` long on the CPU.
+    """
+    _check_targets(target_index, text_features.shape[0], image_features.shape[0])
+    device = resolve_device(device)
+    pool = image_features.to(device, torch.float32)
+    ranks = [
+        _ranks(text_features[part].to(device, torch.float32) @ pool.T, target_index[part].to(device)).cpu()
+        for part in batch_slices(len(text_features), chunk_size)
+    ]
+    return torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
+
+
+def _ranks(similarity: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+    target = similarity.gather(1, target_index[:, None])  # (Q, 1)
+    return (similarity > target).sum(dim=1)
+
+
+def _check_targets(target_index: torch.Tensor, num_queries: int, pool: int) -> None:
+    if target_index.dim() != 1 or target_index.shape[0] != num_queries:
+        raise ValueError(f"target_index must have shape ({num_queries},), got {tuple(target_index.shape)}")
+    if target_index.dtype != torch.long:
+        raise TypeError(f"target_index must be a LongTensor, got {target_index.dtype}")
+    if num_queries and (target_index.min() < 0 or target_index.max() >= pool):
+        raise ValueError(f"target_index values must lie in [0, {pool}), got range "
+                         f"[{target_index.min().item()}, {target_index.max().item()}]")
+
+
+def extra_pool_paths(extra: str | Path | Sequence[str | Path] | None, exclude: Sequence[str | Path] = ()) -> list[Path]:
+    """Distractor image files: a directory (its image files, sorted, not recursive) or a list.
+
+    Files that resolve to one of `exclude` (the evaluated images) or repeat within `extra` are
+    removed, with an info log giving the count, so the pool holds each image once.
+    """
+    if extra is None:
+        return []
+    if isinstance(extra, (str, Path)):
+        folder = Path(extra)
+        if not folder.is_dir():
+            raise NotADirectoryError(f"extra pool images: {folder} is not a directory (pass a directory "
+                                     "or a list of image paths)")
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise FileNotFoundError(f"extra pool images: no {'/'.join(IMAGE_EXTENSIONS)} files in {folder}")
+    else:
+        paths = [Path(p) for p in extra]
+    check_image_files(paths, "extra pool image files")
+    seen = {Path(p).resolve() for p in exclude}
+    kept = []
+    for path in paths:
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            kept.append(path)
+    if len(kept) < len(paths):
+        logger.info("extra pool images: %d of %d are evaluated images or repeats and were not added twice",
+                    len(paths) - len(kept), len(paths))
+    return kept
+
+
+def self_retrieval(
+    captions: Sequence[str],
+    images: Sequence[ImageInput] | torch.Tensor,
+    clip: ClipBundle | str | Path,
+    extra_pool_images: str | Path | Sequence[str | Path] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 64,
+    text_batch_size: int = 256,
+    num_workers: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Text-to-image self-retrieval: caption i should retrieve image i from the pool.
+
+    Args:
+        captions: N generated captions, used as they are (no prefix).
+        images: the N images of those captions (paths / PIL), or their ``(N, D)`` unit-norm CLIP
+            embeddings when already computed (CLIPScore needs the same ones).
+        extra_pool_images: distractors added to the pool (a directory or a list of paths).
+
+    Returns:
+        ``{"R@1": %, "R@5": %, "R@10": %, "retrieval_pool": pool size}``.
+    """
+    clip = load_clip(clip, device)
+    image_features = _image_features(images, clip, len(captions), batch_size, num_workers, progress)
+    exclude = [] if isinstance(images, torch.Tensor) else [p for p in images if not isinstance(p, Image.Image)]
+    extra = extra_pool_paths(extra_pool_images, exclude)
+    if extra:
+        image_features = torch.cat([image_features, encode_images(extra, clip, batch_size, num_workers, progress)])
+    text_features = encode_texts(captions, clip, prefix="", batch_size=text_batch_size, progress=progress)
+    ranks = retrieval_ranks(text_features, image_features, torch.arange(len(captions)), device=clip.device)
+    return {**recall_from_ranks(ranks, ks), "retrieval_pool": int(image_features.shape[0])}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIPScore / RefCLIPScore
+# ---------------------------------------------------------------------------------------------
+def clip_score_from_features(image_features: torch.Tensor, text_features: torch.Tensor,
+                             w: float = CLIPSCORE_WEIGHT) -> torch.Tensor:
+    """Per-pair CLIPScore term ``w * max(cos, 0)``, shape ``(N,)`` from two ``(N, D)`` tensors."""
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"image and text features must match, got {tuple(image_features.shape)} "
+                         f"and {tuple(text_features.shape)}")
+    cos = (F.normalize(image_features.float(), dim=-1) * F.normalize(text_features.float(), dim=-1)).sum(-1)
+    return w * cos.clamp(min=0)
+
+
+def ref_clip_score_from_features(
+    image_features: torch.Tensor,
+    candidate_features: torch.Tensor,
+    reference_features: torch.Tensor,
+    reference_owner: torch.Tensor,
+    w: float = CLIPSCORE_WEIGHT,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-caption RefCLIPScore terms (Hessel's harmonic mean) and the CLIPScore terms.
+
+    Args:
+        image_features: ``(N, D)``; candidate_features: ``(N, D)``, prefixed captions.
+        reference_features: ``(M, D)``, all prefixed references flattened.
+        reference_owner: ``(M,)`` long, the caption index each reference belongs to; every
+            caption needs at least one reference.
+
+    Returns:
+        ``(refclip (N,), clip (N,))`` in Hessel's 0-2.5 scale.
+    """
+    n = candidate_features.shape[0]
+    _check_targets(reference_owner, reference_features.shape[0], n)
+    counts = torch.bincount(reference_owner, minlength=n)
+    if (counts == 0).any():
+        raise ValueError(f"RefCLIPScore needs references for every caption; caption indices without any: "
+                         f"{torch.nonzero(counts == 0).flatten()[:10].tolist()}")
+    clip_term = clip_score_from_features(image_features, candidate_features, w)
+    candidates = F.normalize(candidate_features.float(), dim=-1)
+    references = F.normalize(reference_features.float(), dim=-1)
+    ref_cos = (candidates[reference_owner] * references).sum(-1)  # (M,)
+    best = torch.full((n,), float("-inf")).scatter_reduce(0, reference_owner, ref_cos, reduce="amax")
+    total = clip_term + best
+    harmonic = torch.where(total == 0, torch.zeros_like(total), 2 * clip_term * best / total)
+    return harmonic, clip_term
+
+
+def clip_score(
+    captions: Sequence[str],
+    images: Sequence[ImageInput] | torch.Tensor,
+    clip: ClipBundle | str | Path,
+    prefix: str = CLIPSCORE_PREFIX,
+    w: float = CLIPSCORE_WEIGHT,
+    batch_size: int = 64,
+    text_batch_size: int = 256,
+    num_workers: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> dict:
+    """CLIPScore of N captions against their N images (paths / PIL, or ``(N, D)`` embeddings).
+
+    Returns:
+        ``{"CLIPScore": 100 * per_caption.mean(), "per_caption": (N,) tensor of w*max(cos, 0)}``.
+    """
+    clip = load_clip(clip, device)
+    image_features = _image_features(images, clip, len(captions), batch_size, num_workers, progress)
+    text_features = encode_texts(captions, clip, prefix=prefix, batch_size=text_batch_size, progress=progress)
+    per_caption = clip_score_from_features(image_features, text_features, w)
+    return {"CLIPScore": 100.0 * per_caption.double().mean().item(), "per_caption": per_caption}
+
+
+def ref_clip_score(
+    captions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    images: Sequence[ImageInput] | torch.Tensor,
+    clip: ClipBundle | str | Path,
+    prefix: str = CLIPSCORE_PREFIX,
+    w: float = CLIPSCORE_WEIGHT,
+    batch_size: int = 64,
+    text_batch_size: int = 256,
+    num_workers: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> dict:
+    """RefCLIPScore and CLIPScore together (the former needs the latter's per-image terms).
+
+    Args:
+        references: for each caption, its reference captions (at least one each).
+
+    Returns:
+        ``{"CLIPScore", "RefCLIPScore"}`` (x100) plus ``"per_caption"`` (RefCLIPScore terms) and
+        ``"per_caption_clip"`` (CLIPScore terms), ``(N,)`` tensors in Hessel's 0-2.5 scale.
+    """
+    if len(references) != len(captions):
+        raise ValueError(f"got {len(captions)} captions but {len(references)} reference lists")
+    clip = load_clip(clip, device)
+    image_features = _image_features(images, clip, len(captions), batch_size, num_workers, progress)
+    flat = [r for refs in references for r in refs]
+    owner = torch.repeat_interleave(torch.arange(len(references)), torch.tensor([len(r) for r in references]))
+    text_features = encode_texts(list(captions) + flat, clip, prefix=prefix, batch_size=text_batch_size,
+                                 progress=progress)
+    n = len(captions)
+    harmonic, clip_term = ref_clip_score_from_features(image_features, text_features[:n], text_features[n:], owner, w)
+    return {
+        "CLIPScore": 100.0 * clip_term.double().mean().item(),
+        "RefCLIPScore": 100.0 * harmonic.double().mean().item(),
+        "per_caption": harmonic,
+        "per_caption_clip": clip_term,
+    }
+
+
+def _image_features(images, clip: ClipBundle, n: int, batch_size: int, num_workers, progress: bool) -> torch.Tensor:
+    if len(images) != n:
+        raise ValueError(f"got {n} captions but {len(images)} images")
+    if isinstance(images, torch.Tensor):
+        return images.float().cpu()
+    return encode_images(images, clip, batch_size, num_workers, progress)

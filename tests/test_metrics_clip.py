@@ -1,0 +1,248 @@
+"""metrics/clip_metrics.py against naive, one-item-at-a-time implementations of each definition."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from metrics.clip_metrics import (
+    clip_score,
+    clip_score_from_features,
+    encode_images,
+    encode_texts,
+    extra_pool_paths,
+    load_clip,
+    recall_at_k,
+    recall_from_ranks,
+    ref_clip_score,
+    ref_clip_score_from_features,
+    retrieval_ranks,
+    self_retrieval,
+)
+from metrics_fixtures import image_dir, make_images, synthetic_caption, tiny_clip_dir  # noqa: F401 (fixtures)
+
+LONG = " ".join(["a large white dog sitting next to a small black cat on the green grass"] * 8)  # > 77 tokens
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip_dir):
+    return load_clip(tiny_clip_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def captions(image_dir):
+    rng = random.Random(0)
+    caps = [synthetic_caption(rng) for _ in image_dir[1]]
+    caps[0], caps[1] = LONG, "Zebra-striped (!) umbrella"
+    return caps
+
+
+@pytest.fixture(scope="module")
+def image_paths(image_dir):
+    folder, names = image_dir
+    return [folder / n for n in names]
+
+
+# ---- naive references: one item at a time, straight from the definitions ---------------------------
+@torch.no_grad()
+def naive_text_features(clip, texts, prefix=""):
+    rows = []
+    for text in texts:
+        full = (prefix + " " + text) if prefix else text
+        ids = clip.tokenizer(full)["input_ids"]
+        if len(ids) > 77:  # clip.tokenize(truncate=True): first 75 text tokens, then the end token
+            ids = ids[:76] + [ids[-1]]
+        out = clip.model.get_text_features(input_ids=torch.tensor([ids]))
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        rows.append(out[0] / out[0].norm())
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def naive_image_features(clip, paths):
+    rows = []
+    for path in paths:
+        pixels = clip.image_processor(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"]
+        out = clip.model.get_image_features(pixel_values=pixels)
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        rows.append(out[0] / out[0].norm())
+    return torch.stack(rows)
+
+
+def cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+# ---- recall@K --------------------------------------------------------------------------------------
+def test_recall_at_k_by_hand_with_ties():
+    similarity = torch.tensor([
+        [0.9, 0.1, 0.3],   # target 0 is best -> rank 0
+        [0.5, 0.5, 0.2],   # target 0 ties with item 1: nothing strictly greater -> rank 0
+        [0.1, 0.8, 0.7],   # target 2: item 1 is greater -> rank 1
+        [0.0, 0.0, 0.0],   # all tied -> rank 0
+        [0.4, 0.6, 0.5],   # target 0: two greater -> rank 2
+    ])
+    target = torch.tensor([0, 0, 2, 1, 0])
+    assert recall_at_k(similarity, target, ks=(1, 2, 3)) == {"R@1": 60.0, "R@2": 80.0, "R@3": 100.0}
+
+
+def test_recall_at_k_matches_naive_sorting():
+    torch.manual_seed(0)
+    similarity = torch.randn(40, 25).round(decimals=1)  # rounding creates ties
+    target = torch.randint(0, 25, (40,))
+    ranks = []
+    for q in range(40):
+        ranks.append(sum(1 for j in range(25) if similarity[q, j] > similarity[q, target[q]]))
+    expected = {f"R@{k}": 100 * sum(r < k for r in ranks) / 40 for k in (1, 5, 10)}
+    assert recall_at_k(similarity, target) == pytest.approx(expected)
+
+
+def test_retrieval_ranks_chunking_is_exact():
+    torch.manual_seed(1)
+    text, pool = F.normalize(torch.randn(30, 8), dim=-1), F.normalize(torch.randn(50, 8), dim=-1)
+    target = torch.randint(0, 50, (30,))
+    full = recall_at_k(text @ pool.T, target, ks=range(1, 51))
+    assert recall_from_ranks(retrieval_ranks(text, pool, target, chunk_size=4, device="cpu"), ks=range(1, 51)) == full
+
+
+def test_recall_at_k_rejects_bad_input():
+    with pytest.raises(ValueError, match="num_queries, pool"):
+        recall_at_k(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        recall_at_k(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        recall_at_k(torch.zeros(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(TypeError, match="LongTensor"):
+        recall_at_k(torch.zeros(2, 3), torch.tensor([0.0, 1.0]))
+
+
+# ---- embeddings ------------------------------------------------------------------------------------
+def test_encode_texts_equals_one_at_a_time(clip, captions):
+    assert len(clip.tokenizer(LONG)["input_ids"]) > 77
+    got = encode_texts(captions, clip, batch_size=5, progress=False)
+    assert torch.allclose(got, naive_text_features(clip, captions), atol=1e-5)
+    prefixed = encode_texts(captions, clip, prefix="A photo depicts", batch_size=4, progress=False)
+    assert torch.allclose(prefixed, naive_text_features(clip, captions, "A photo depicts"), atol=1e-5)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(len(captions)))
+
+
+def test_encode_images_equals_one_at_a_time(clip, image_paths):
+    naive = naive_image_features(clip, image_paths)
+    batched = encode_images(image_paths, clip, batch_size=5, num_workers=0, progress=False)
+    assert torch.allclose(batched, naive, atol=1e-5)
+    pil = [Image.open(p) for p in image_paths]
+    assert torch.allclose(encode_images(pil, clip, batch_size=64, progress=False), naive, atol=1e-5)
+    workers = encode_images([str(p) for p in image_paths], clip, batch_size=4, num_workers=2, progress=False)
+    assert torch.allclose(workers, naive, atol=1e-5)
+
+
+def test_missing_and_unreadable_images_are_named(clip, image_paths, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 image files do not exist, e.g. \['.*nope.png'\]"):
+        encode_images([image_paths[0], tmp_path / "nope.png"], clip, progress=False)
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    with pytest.raises(OSError, match="cannot read image .*broken.png"):
+        encode_images([broken], clip, num_workers=0, progress=False)
+
+
+def test_load_clip_names_the_source(tmp_path):
+    with pytest.raises(OSError, match="could not load CLIP from .*no_such_model"):
+        load_clip(tmp_path / "no_such_model", device="cpu")
+
+
+# ---- CLIPScore / RefCLIPScore ----------------------------------------------------------------------
+def test_clip_score_from_features_by_hand():
+    image = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    text = torch.tensor([[0.6, 0.8], [0.0, 5.0], [-1.0, 0.0]])
+    # cosines 0.6, 1, -1 -> 2.5 * max(cos, 0) = 1.5, 2.5, 0
+    assert torch.allclose(clip_score_from_features(image, text), torch.tensor([1.5, 2.5, 0.0]))
+
+
+def test_ref_clip_score_from_features_by_hand():
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    cand = torch.tensor([[0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
+    refs = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, -1.0], [1.0, 0.0], [0.0, 1.0]])
+    owner = torch.tensor([0, 0, 1, 2, 2])
+    # caption 0: clip 1.5, best ref cos 1.0 -> 2*1.5*1/(2.5) = 1.2
+    # caption 1: clip 0 (cos 0), best ref cos -1 (raw, unclipped) -> 0
+    # caption 2: clip 0 (cos -1), best ref cos 0 -> 0/0 -> defined as 0
+    refclip, clip_term = ref_clip_score_from_features(image, cand, refs, owner)
+    assert torch.allclose(clip_term, torch.tensor([1.5, 0.0, 0.0]))
+    assert torch.allclose(refclip, torch.tensor([1.2, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"without any: \[1\]"):
+        ref_clip_score_from_features(image, cand, refs[:2], torch.tensor([0, 2]))
+
+
+def test_clip_score_equals_hessel_definition(clip, captions, image_paths):
+    images, texts = naive_image_features(clip, image_paths), naive_text_features(clip, captions, "A photo depicts")
+    per = [2.5 * max(cos(i, t), 0.0) for i, t in zip(images, texts)]
+    assert 0 < sum(p > 0 for p in per) < len(per)  # the random model gives both clipped and kept pairs
+    got = clip_score(captions, image_paths, clip, batch_size=5, text_batch_size=3, num_workers=0, progress=False)
+    assert got["CLIPScore"] == pytest.approx(100 * sum(per) / len(per), abs=1e-4)
+    assert got["per_caption"].tolist() == pytest.approx(per, abs=1e-5)
+    # the same from precomputed image features
+    again = clip_score(captions, images, clip, progress=False)
+    assert again["CLIPScore"] == pytest.approx(got["CLIPScore"], abs=1e-4)
+
+
+def test_ref_clip_score_equals_hessel_definition(clip, captions, image_paths):
+    rng = random.Random(1)
+    references = [[synthetic_caption(rng) for _ in range(1 + i % 4)] for i in range(len(captions))]
+    images = naive_image_features(clip, image_paths)
+    cands = naive_text_features(clip, captions, "A photo depicts")
+    expected = []
+    for image, cand, refs in zip(images, cands, references):
+        ref_feats = naive_text_features(clip, refs, "A photo depicts")
+        c = 2.5 * max(cos(image, cand), 0.0)
+        r = max(cos(cand, ref) for ref in ref_feats)
+        expected.append(2 * c * r / (c + r) if c + r != 0 else 0.0)
+    got = ref_clip_score(captions, references, image_paths, clip, text_batch_size=4, num_workers=0, progress=False)
+    assert got["per_caption"].tolist() == pytest.approx(expected, abs=1e-5)
+    assert got["RefCLIPScore"] == pytest.approx(100 * sum(expected) / len(expected), abs=1e-4)
+    plain = clip_score(captions, images, clip, progress=False)
+    assert got["CLIPScore"] == pytest.approx(plain["CLIPScore"], abs=1e-4)
+    with pytest.raises(ValueError, match="12 captions but 3 reference lists"):
+        ref_clip_score(captions, references[:3], images, clip, progress=False)
+
+
+# ---- self-retrieval --------------------------------------------------------------------------------
+def naive_recall(text_feats, image_feats, ks=(1, 5, 10)):
+    hits = {k: 0 for k in ks}
+    for q, text in enumerate(text_feats):
+        sims = [float(text @ image) for image in image_feats]
+        rank = sum(1 for s in sims if s > sims[q])
+        for k in ks:
+            hits[k] += rank < k
+    return {f"R@{k}": 100 * hits[k] / len(text_feats) for k in ks}
+
+
+def test_self_retrieval_equals_naive(clip, captions, image_paths, tmp_path):
+    texts, images = naive_text_features(clip, captions), naive_image_features(clip, image_paths)
+    got = self_retrieval(captions, image_paths, clip, ks=(1, 2, 5), batch_size=5, num_workers=0, progress=False)
+    assert got == pytest.approx({**naive_recall(texts, images, (1, 2, 5)), "retrieval_pool": 12})
+
+    # distractors: a folder of extra images, one of them an evaluated image (not added twice)
+    extra_dir = tmp_path / "extra"
+    names = make_images(extra_dir, 20, seed=9, prefix="distractor")
+    (extra_dir / "notes.txt").write_text("not an image")
+    (extra_dir / "copy.png").symlink_to(image_paths[0])
+    pool = images
+    pool = torch.cat([pool, naive_image_features(clip, [extra_dir / n for n in names])])
+    got = self_retrieval(captions, image_paths, clip, extra_pool_images=extra_dir, num_workers=0, progress=False)
+    assert got["retrieval_pool"] == 32
+    assert got == pytest.approx({**naive_recall(texts, pool), "retrieval_pool": 32})
+    with pytest.raises(NotADirectoryError, match="nowhere"):
+        self_retrieval(captions, image_paths, clip, extra_pool_images=tmp_path / "nowhere", progress=False)
+
+
+def test_extra_pool_paths_lists_and_dedupes(image_paths, tmp_path):
+    assert extra_pool_paths(None) == []
+    listed = extra_pool_paths([image_paths[1], image_paths[2], image_paths[1]], exclude=[image_paths[2]])
+    assert listed == [image_paths[1]]
+    with pytest.raises(FileNotFoundError, match="extra pool image files do not exist"):
+        extra_pool_paths([tmp_path / "gone.jpg"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no .jpg"):
+        extra_pool_paths(empty)
