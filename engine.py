@@ -391,14 +391,8 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
     if config["train"]["test_after_training"] and config["data"]["test_file"]:
         best = torch.load(output_dir / "checkpoint_best.pth", map_location="cpu", weights_only=True)
         captioner.model.load_state_dict(best["model"])
-        test_loader, test_gt = build_eval_loader(config, "test", captioner.image_size)
-        results, metrics = evaluate(captioner, test_loader, test_gt, config, device)
-        if utils.is_main():
-            utils.write_json(output_dir / "test_results.json", results)
-            utils.write_json(output_dir / "test_metrics.json", metrics)
-        log.log(kind="test", step=global_step, **metrics)
-        logger.info("test (best checkpoint): %s", _format_metrics(metrics))
-        summary["test"] = metrics
+        summary["test"] = evaluate_split(captioner, config, "test", device, output_dir, "test")
+        log.log(kind="test", step=global_step, **summary["test"])
     if utils.is_main():
         utils.write_json(output_dir / "summary.json", summary)
     return summary, captioner
@@ -413,14 +407,20 @@ def run_evaluation(config: dict, checkpoint: str | None = None, split: str | Non
     split = split or config["eval"]["split"]
     output_dir = prepare_output_dir(config)
     captioner = build_captioner(config, device, pretrained=checkpoint)
+    return evaluate_split(captioner, config, split, device, output_dir, f"eval_{split}")
+
+
+def evaluate_split(captioner: BlipCaptioner, config: dict, split: str, device: torch.device, output_dir: Path,
+                   name: str) -> dict:
+    """Generate on ``split``, score ``eval.metrics``; writes ``<name>_results.json`` and ``<name>_metrics.json``."""
     loader, gt = build_eval_loader(config, split, captioner.image_size)
     results = generate_captions(captioner, loader, config, device)
     if utils.is_main():
-        utils.write_json(output_dir / f"eval_{split}_results.json", results)  # kept even if scoring fails
+        utils.write_json(output_dir / f"{name}_results.json", results)  # kept even if scoring fails
     metrics = score(results, gt, config, config["eval"]["metrics"], images_root=config["data"]["image_root"])
     if utils.is_main():
-        utils.write_json(output_dir / f"eval_{split}_metrics.json", metrics)
-    logger.info("%s: %s", split, _format_metrics(metrics))
+        utils.write_json(output_dir / f"{name}_metrics.json", metrics)
+    logger.info("%s: %s", name, _format_metrics(metrics))
     return metrics
 
 

@@ -34,7 +34,7 @@ def test_toy_training_learns_and_eval_reproduces_validation(tmp_path):
                                  "--opt", f"output_dir={tmp_path / 'init'}"])
 
     summary = train_caption.main(["--config", PRETRAIN, *common, "--opt", "train.epochs=2",
-                                  "--opt", "train.log_every=10"])
+                                  "--opt", "train.log_every=10", "--opt", "train.validate=true"])
     records = _log(run / "log.jsonl")
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert losses[-1] < 0.7 * losses[0], losses
@@ -61,7 +61,8 @@ def _torchrun_train(tmp_path, nproc, batch_size, name):
     overrides = [
         f"data.toy_root={tmp_path / 'toy'}", f"output_dir={output_dir}", "data.num_workers=0",
         f"train.batch_size={batch_size}", "train.max_steps=3", "train.epochs=1", "train.log_every=1",
-        "train.test_after_training=false", "data.augment=false", "eval.max_images=25", "train.lr=1e-3",
+        "train.test_after_training=false", "train.validate=true", "data.augment=false", "eval.max_images=25",
+        "train.lr=1e-3",
         "model.arch={preset: tiny, text_dropout: 0.0}",
     ]
     env = {**os.environ, "NPROC": str(nproc), "ENTRY": "tests/distributed_worker.py", "REPORT": str(report),
