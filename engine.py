@@ -323,11 +323,12 @@ def save_checkpoint(path: Path, captioner: BlipCaptioner, config: dict, **extra)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(config: dict) -> Path:
+def prepare_output_dir(config: dict, config_name: str = "config.yaml") -> Path:
+    """Create ``output_dir`` and write the resolved config there as ``config_name`` (rank 0)."""
     output_dir = Path(config["output_dir"])
     if utils.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
-        utils.atomic_write_text(output_dir / "config.yaml", _dump_yaml(config))
+        utils.atomic_write_text(output_dir / config_name, _dump_yaml(config))
     utils.barrier()
     return output_dir
 
@@ -405,7 +406,8 @@ def run_evaluation(config: dict, checkpoint: str | None = None, split: str | Non
     """
     device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
     split = split or config["eval"]["split"]
-    output_dir = prepare_output_dir(config)
+    # Evaluating into a training run's folder must not replace the config that trained it.
+    output_dir = prepare_output_dir(config, config_name=f"eval_{split}_config.yaml")
     captioner = build_captioner(config, device, pretrained=checkpoint)
     return evaluate_split(captioner, config, split, device, output_dir, f"eval_{split}")
 
