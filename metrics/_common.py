@@ -1,9 +1,22 @@
-"""Small helpers shared by the model-based metrics (CLIP, GPT-2): device choice and batching."""
+"""Small helpers shared by the metrics: JSON input, device choice and batching."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+
+
+def read_json_file(path: str | Path, what: str):
+    """Parse a JSON file; a missing file or bad JSON is an error naming ``what`` and the path."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 import logging
 import os
 import re
@@ -38,6 +37,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
+
+from ._common import read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +171,7 @@ def read_coco_gt(gt: dict | str | Path) -> tuple[dict, str]:
     """
     if isinstance(gt, (str, Path)):
         name = str(gt)
-        try:
-            with open(gt, encoding="utf-8") as handle:
-                gt = json.load(handle)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"ground-truth annotation file not found: {name}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"ground-truth annotation file {name} is not valid JSON: {err}") from None
+        gt = read_json_file(gt, "ground-truth annotation file")
     else:
         name = "<ground-truth dict>"
     if not isinstance(gt, dict):

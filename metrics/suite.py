@@ -34,6 +34,7 @@ import torch
 
 from .clip_metrics import DEFAULT_CLIP, check_image_files, encode_images, extra_pool_paths, load_clip, \
     ref_clip_score, self_retrieval
+from ._common import read_json_file
 from .coco import COCO_KEYS, coco_caption_metrics, read_coco_gt, references_by_image
 from .perplexity import DEFAULT_LM, gpt2_perplexity
 from .text_stats import caption_length, lexical_diversity
@@ -230,13 +231,7 @@ def score_results_file(
         The metrics dict of `compute_metrics`.
     """
     results_path = Path(results_path)
-    try:
-        with open(results_path, encoding="utf-8") as handle:
-            results = json.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"results file not found: {results_path}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"results file {results_path} is not valid JSON: {err}") from None
+    results = read_json_file(results_path, "results file")
     scores = compute_metrics(results, annotations_path, metrics=metrics, images_root=images_root,
                              clip_model=clip_model, ppl_model=ppl_model, results_name=str(results_path), **kwargs)
     if out is not None:
