@@ -16,6 +16,7 @@ touches no image file.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +28,8 @@ from torch.utils.data import Dataset
 from data.captions import image_id_from_path, pre_caption
 
 REQUIRED_KEYS = ("image", "caption")
+
+logger = logging.getLogger(__name__)
 
 
 class AnnotationError(ValueError):
@@ -152,13 +155,25 @@ def read_eval_entries(annotation_file: str | Path) -> list[EvalEntry]:
 class _ImageFileDataset(Dataset):
     """Shared image handling: a root folder, a transform, and one place that opens files."""
 
-    def __init__(self, image_root: str | Path, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, image_root: str | Path, transform: Callable[[Image.Image], torch.Tensor],
+                 skip_bad_images: bool = False):
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image_root is not a directory: {self.image_root}")
         if not callable(transform):
             raise TypeError(f"transform must be callable (e.g. build_eval_transform(384)), got {transform!r}")
         self.transform = transform
+        self.skip_bad_images = skip_bad_images
+
+    def _load_or_skip(self, path: Path) -> torch.Tensor | None:
+        """The transformed image, or None for a missing/corrupt file when skipping (the collate drops it)."""
+        try:
+            return self.transform(self._load_image(path))
+        except ImageLoadError as error:
+            if not self.skip_bad_images:
+                raise
+            logger.warning("skipping %s", error)
+            return None
 
     def _load_image(self, path: Path) -> Image.Image:
         """Open `path` and return it as RGB, or raise `ImageLoadError` naming the full path.
@@ -191,8 +206,9 @@ class CaptionTrainDataset(_ImageFileDataset):
         image_root: str | Path,
         transform: Callable[[Image.Image], torch.Tensor],
         max_words: int = 30,
+        skip_bad_images: bool = False,
     ):
-        super().__init__(image_root, transform)
+        super().__init__(image_root, transform, skip_bad_images)
         if isinstance(annotation_files, (str, Path)):
             annotation_files = [annotation_files]
         self.annotation_files = [Path(file) for file in annotation_files]
@@ -211,10 +227,9 @@ class CaptionTrainDataset(_ImageFileDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, int]:
         image_path, caption, image_id = self.samples[index]
-        image = self._load_image(self.image_root / image_path)
-        return self.transform(image), caption, image_id
+        return self._load_or_skip(self.image_root / image_path), caption, image_id
 
 
 class CaptionEvalDataset(_ImageFileDataset):
@@ -232,8 +247,9 @@ class CaptionEvalDataset(_ImageFileDataset):
         annotation_file: str | Path,
         image_root: str | Path,
         transform: Callable[[Image.Image], torch.Tensor],
+        skip_bad_images: bool = False,
     ):
-        super().__init__(image_root, transform)
+        super().__init__(image_root, transform, skip_bad_images)
         self.annotation_file = Path(annotation_file)
         entries = read_eval_entries(self.annotation_file)
         self.image_paths: list[str] = [entry.image for entry in entries]
@@ -245,9 +261,8 @@ class CaptionEvalDataset(_ImageFileDataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self._load_image(self.image_root / self.image_paths[index])
-        return self.transform(image), self.image_ids[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        return self._load_or_skip(self.image_root / self.image_paths[index]), self.image_ids[index]
 
 
 def build_coco_gt(annotation_file: str | Path) -> dict:
@@ -270,16 +285,25 @@ def build_coco_gt(annotation_file: str | Path) -> dict:
     return {"images": images, "annotations": annotations, "type": "captions", "info": {}, "licenses": []}
 
 
-def caption_collate(batch: Sequence[tuple[torch.Tensor, str, int]]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Train batch -> ``(images (B,3,H,W), captions list[str] of length B, image_ids int64 (B,))``.
+def caption_collate(batch: Sequence[tuple[torch.Tensor | None, str, int]]):
+    """Train batch -> ``(images (B,3,H,W), captions list[str] of length B, image_ids int64 (B,), num_skipped)``.
 
-    Captions stay strings so that data/ needs no tokenizer; the caller tokenises the batch once.
+    Samples whose image was skipped (None, see ``skip_bad_images``) are dropped and counted, so the training
+    loop can report them. Captions stay strings so that data/ needs no tokenizer.
     """
-    images, captions, image_ids = zip(*batch)
-    return torch.stack(images), list(captions), torch.tensor(image_ids, dtype=torch.long)
+    kept = [sample for sample in batch if sample[0] is not None]
+    num_skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), [], torch.empty(0, dtype=torch.long), num_skipped
+    images, captions, image_ids = zip(*kept)
+    return torch.stack(images), list(captions), torch.tensor(image_ids, dtype=torch.long), num_skipped
 
 
-def eval_collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval batch -> ``(images (B,3,H,W), image_ids int64 (B,))``."""
-    images, image_ids = zip(*batch)
+def eval_collate(batch: Sequence[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval batch -> ``(images (B,3,H,W), image_ids int64 (B,))``; skipped images are left out (and so show
+    up as images without a caption when scored)."""
+    kept = [sample for sample in batch if sample[0] is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    images, image_ids = zip(*kept)
     return torch.stack(images), torch.tensor(image_ids, dtype=torch.long)

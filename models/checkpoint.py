@@ -4,8 +4,8 @@ Sources, tried in this order:
 
 * an ``http(s)://`` URL of an original BLIP/SMILE ``.pth`` (downloaded once into ``cache_dir``);
 * a file: an original BLIP/SMILE ``.pth`` (``{"model": state_dict}`` with ``visual_encoder.*`` /
-  ``text_decoder.*`` keys), this repository's own checkpoint (transformers names under ``"model"``), or a
-  ``.safetensors`` file with transformers names;
+  ``text_decoder.*`` keys), this repository's own ``.safetensors`` checkpoint (``save_checkpoint_file``), a
+  ``.pth`` state dict with transformers names, or a ``.safetensors`` file with transformers names;
 * a transformers directory (``config.json`` + weights), e.g. one written by ``scripts/convert_checkpoint.py``;
 * otherwise a transformers hub id such as ``Salesforce/blip-image-captioning-base``.
 
@@ -13,8 +13,12 @@ Every ``torch.load`` uses ``weights_only=True``: a checkpoint from the internet 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
+import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,27 +162,124 @@ def apply_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     return report
 
 
-def download(url: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
-    """Download ``url`` once into ``cache_dir`` (atomic: a partial download is never mistaken for the file)."""
+# sha256 of checkpoint files whose digest is published; a download whose digest differs is rejected.
+# Neither salesforce/BLIP nor the SMILE authors publish digests, so the table starts empty: add entries as
+# you verify files, or pass ``sha256=`` / ``model.pretrained_sha256``.
+KNOWN_SHA256: dict[str, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, sha256: str | None = None) -> Path:
+    """Download ``url`` once into ``cache_dir`` and return the cached path.
+
+    Atomic: the file is downloaded under a ``.part`` name and renamed, so an interrupted download is never
+    mistaken for the file. When a sha256 is given (or known in ``KNOWN_SHA256`` by file name), the download is
+    verified before it is kept, and a cached copy is re-verified.
+    """
     name = Path(urllib.parse.urlparse(url).path).name
+    expected = sha256 or KNOWN_SHA256.get(name)
     destination = Path(cache_dir) / name
     if not destination.exists():
         destination.parent.mkdir(parents=True, exist_ok=True)
         logger.info("downloading %s to %s", url, destination)
         partial = destination.with_suffix(destination.suffix + ".part")
         torch.hub.download_url_to_file(url, str(partial), progress=True)
+        if expected and file_sha256(partial) != expected:
+            actual = file_sha256(partial)
+            partial.unlink()
+            raise CheckpointError(f"{url}: sha256 {actual} does not match the expected {expected}; not kept")
         partial.replace(destination)
+    elif expected and file_sha256(destination) != expected:
+        raise CheckpointError(f"cached {destination} has sha256 {file_sha256(destination)}, expected {expected}; "
+                              "delete it to download again")
     return destination
 
 
-def read_state_dict(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> dict[str, torch.Tensor]:
+# --------------------------------------------------------------------------------------------------------------
+# This repository's checkpoints: one safetensors file holding the model weights under "model/", any further
+# tensors (optimizer moments, RNG states) under their own prefixes, and JSON metadata (config, counters). Loading
+# one never unpickles anything.
+# --------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "smile-blip-checkpoint-v1"
+MODEL_PREFIX = "model/"
+
+
+def save_checkpoint_file(path: str | Path, model_state: dict[str, torch.Tensor],
+                         tensors: dict[str, torch.Tensor] | None = None, metadata: dict | None = None) -> None:
+    """Write weights (+ extra tensors, + JSON-serialisable metadata) atomically as one safetensors file.
+
+    Tied weights (the LM head shares the word embeddings) are stored once: safetensors refuses aliases.
+    """
+    from safetensors.torch import save_file
+
+    payload = {MODEL_PREFIX + key: value.detach().contiguous() for key, value in model_state.items()
+               if key not in _TIED_KEYS}
+    for key, value in (tensors or {}).items():
+        if key.startswith(MODEL_PREFIX):
+            raise ValueError(f"extra tensor {key!r} would shadow a model weight")
+        payload[key] = value.detach().contiguous()
+    header = {"format": CHECKPOINT_FORMAT, "metadata": json.dumps(metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
+        temporary = handle.name
+    try:
+        save_file({k: v.cpu() for k, v in payload.items()}, temporary, metadata=header)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(model state dict, other tensors, metadata) of a file written by ``save_checkpoint_file``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file (format {header.get('format')!r})")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except CheckpointError:
+        raise
+    except Exception as error:  # truncated or not safetensors at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    model = {key[len(MODEL_PREFIX):]: value for key, value in tensors.items() if key.startswith(MODEL_PREFIX)}
+    others = {key: value for key, value in tensors.items() if not key.startswith(MODEL_PREFIX)}
+    return model, others, json.loads(header.get("metadata", "{}"))
+
+
+def _is_own_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == CHECKPOINT_FORMAT
+    except Exception:
+        return False
+
+
+def read_state_dict(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+                    sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Weights named as ``BlipForConditionalGeneration`` expects, from any supported source (see module doc)."""
     source = str(source)
     if source.startswith(("http://", "https://")):
-        source = str(download(source, cache_dir))
+        source = str(download(source, cache_dir, sha256=sha256))
     path = Path(source)
     if path.is_file():
         if path.suffix == ".safetensors":
+            if _is_own_checkpoint(path):
+                return load_checkpoint_file(path)[0]
             from safetensors.torch import load_file
 
             return load_file(str(path))
@@ -200,9 +301,10 @@ def read_state_dict(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DI
 
 
 def load_pretrained(captioner, source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-                    strict: bool = True) -> LoadReport:
+                    strict: bool = True, sha256: str | None = None) -> LoadReport:
     """Load ``source`` (see module doc) into ``captioner.model``; logs and returns what happened."""
-    report = apply_state_dict(captioner.model, read_state_dict(source, cache_dir), source=str(source), strict=strict)
+    state_dict = read_state_dict(source, cache_dir, sha256=sha256)
+    report = apply_state_dict(captioner.model, state_dict, source=str(source), strict=strict)
     logger.info(report.summary())
     return report
 

@@ -167,7 +167,8 @@ def test_train_dataset_concatenates_files(train_file, image_root, tmp_path):
 
 def test_caption_collate_shapes(train_file, image_root):
     dataset = CaptionTrainDataset(train_file, image_root, build_eval_transform(16))
-    images, captions, image_ids = caption_collate([dataset[0], dataset[1], dataset[3]])
+    images, captions, image_ids, num_skipped = caption_collate([dataset[0], dataset[1], dataset[3]])
+    assert num_skipped == 0
     assert images.shape == (3, 3, 16, 16)
     assert captions == ["a red picture", "green", "one two three four five"]
     assert image_ids.dtype == torch.long and image_ids.tolist() == [1, 2, 2]
@@ -566,7 +567,7 @@ def test_toy_gt_loads_with_pycocotools(toy_paths):
 
 def test_toy_feeds_the_datasets(toy_paths):
     train = CaptionTrainDataset(toy_paths["train_file"], toy_paths["image_root"], build_train_transform(32))
-    images, captions, image_ids = caption_collate([train[0], train[7]])
+    images, captions, image_ids, _ = caption_collate([train[0], train[7]])
     assert images.shape == (2, 3, 32, 32) and image_ids.tolist() == [0, 1]
     evaluation = CaptionEvalDataset(toy_paths["test_file"], toy_paths["image_root"], build_eval_transform(32))
     assert evaluation.image_ids == list(range(50, 62))
@@ -585,3 +586,16 @@ def test_package_reexports_public_api():
                  "load_annotations", "caption_collate", "eval_collate", "build_train_transform",
                  "build_eval_transform", "ensure_toy_dataset"):  # fmt: skip
         assert callable(getattr(data, name)), name
+
+
+def test_bad_images_are_skipped_and_counted_only_when_asked(train_file, image_root, tmp_path):
+    dataset = CaptionTrainDataset(train_file, image_root, build_eval_transform(32))
+    broken = image_root / dataset.samples[1][0]
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated file
+    with pytest.raises(ImageLoadError, match=str(broken)):
+        dataset[1]
+    skipping = CaptionTrainDataset(train_file, image_root, build_eval_transform(32), skip_bad_images=True)
+    images, captions, image_ids, num_skipped = caption_collate([skipping[0], skipping[1], skipping[0]])
+    assert num_skipped == 1 and images.shape[0] == len(captions) == len(image_ids) == 2
+    images, captions, image_ids, num_skipped = caption_collate([skipping[1]])
+    assert num_skipped == 1 and images.numel() == 0 and captions == []
