@@ -6,9 +6,9 @@ Launch commands are in README.md; both entry points work under torchrun and as a
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+import checkpointing
 import utils
 from data import (
     CaptionEvalDataset,
@@ -33,8 +34,7 @@ from models import IGNORE_INDEX, BlipCaptioner, CaptionObjective, load_pretraine
 logger = logging.getLogger("smile_blip")
 
 CONFIG_DEFAULTS = Path(__file__).resolve().parent / "configs" / "default.yaml"
-FREE_FORM_KEYS = {"objective", "model.arch"}
-CHECKPOINT_FORMAT = "smile-blip-checkpoint-v1"
+FREE_FORM_KEYS = {"objective", "model.arch", "resume"}
 
 
 def load_config(path: str | Path, overrides=()) -> dict:
@@ -44,8 +44,13 @@ def load_config(path: str | Path, overrides=()) -> dict:
         CaptionObjective(config["objective"])
     except ValueError as error:
         raise utils.ConfigError(f"{path}: objective: {error}") from None
-    if config["eval"]["split"] not in ("val", "test"):
-        raise utils.ConfigError(f"eval.split must be val or test, got {config['eval']['split']!r}")
+    choices = {"eval.split": ("val", "test"), "resume": (False, True, "auto"), "train.on_nonfinite": ("stop", "skip"),
+               "data.train_bad_images": ("skip", "fail"), "data.eval_bad_images": ("fail", "skip"),
+               "train.schedule": ("cosine_epoch", "cosine_step", "constant")}
+    for key, allowed in choices.items():
+        value = utils.get_by_path(config, key)
+        if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
+            raise utils.ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
     return config
 
 
@@ -82,13 +87,17 @@ def ensure_pretrained(config: dict) -> None:
     if not source or not recipe or str(source).startswith(("http://", "https://")) or Path(source).exists():
         return
     logger.info("%s does not exist: training %s first to create it", source, recipe)
-    run_training(resolve_data_paths(load_config(recipe)))
+    # resume: auto, so a recipe run that was interrupted continues instead of refusing its own folder.
+    run_training(resolve_data_paths(load_config(recipe, ["resume=auto"])))
     if not Path(source).exists():
         raise FileNotFoundError(f"model.pretrained_recipe {recipe} ran but did not create {source}")
 
 
-def build_captioner(config: dict, device: torch.device, pretrained: str | None = None) -> BlipCaptioner:
-    """The captioner with ``pretrained`` (default: ``model.pretrained``) loaded, on ``device``."""
+def build_captioner(config: dict, device: torch.device, pretrained: str | None = None,
+                    load_weights: bool = True) -> BlipCaptioner:
+    """The captioner with ``pretrained`` (default: ``model.pretrained``) loaded, on ``device``.
+
+    ``load_weights=False`` skips the pretrained weights (a resumed run overwrites them anyway)."""
     model_config = config["model"]
     captioner = BlipCaptioner.build(
         arch=model_config["arch"],
@@ -99,16 +108,40 @@ def build_captioner(config: dict, device: torch.device, pretrained: str | None =
         gradient_checkpointing=model_config["gradient_checkpointing"],
     )
     source = pretrained or model_config["pretrained"]
-    if source:
+    if source and load_weights:
         load_pretrained(captioner, source, cache_dir=Path(model_config["cache_dir"]).expanduser(),
-                        strict=model_config["strict_loading"])
+                        strict=model_config["strict_loading"], sha256=model_config["pretrained_sha256"])
     return captioner.to(device)
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start an epoch part-way through, for a run resumed mid-epoch.
+
+    Used even in one process, so a run's data order depends only on the seed, the epoch and the global batch.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.start = 0
+
+    def skip_batches(self, batches: int, batch_size: int) -> None:
+        """Leave out this rank's first ``batches`` batches of the current epoch (call after ``set_epoch``)."""
+        self.start = batches * batch_size
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
 def _loader(dataset, batch_size: int, shuffle: bool, collate, config: dict, seed: int = 0):
-    """A DistributedSampler even in one process, so a run's data order depends only on the global batch."""
-    sampler = DistributedSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
-                                 shuffle=shuffle, seed=seed, drop_last=shuffle)
+    sampler = ResumableSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
+                               shuffle=shuffle, seed=seed, drop_last=shuffle)
     workers = config["data"]["num_workers"]
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
@@ -128,7 +161,8 @@ def build_train_loader(config: dict, image_size: int):
     else:
         transform = build_eval_transform(image_size)
     dataset = CaptionTrainDataset(data_config["train_files"], data_config["image_root"], transform,
-                                  max_words=data_config["max_words"])
+                                  max_words=data_config["max_words"],
+                                  skip_bad_images=data_config["train_bad_images"] == "skip")
     return _loader(dataset, config["train"]["batch_size"], True, caption_collate, config, seed=config["seed"])
 
 
@@ -138,7 +172,8 @@ def build_eval_loader(config: dict, split: str, image_size: int):
     annotation_file, gt_file = data_config[f"{split}_file"], data_config[f"{split}_gt"]
     if not annotation_file:
         raise utils.ConfigError(f"data.{split}_file is not set: cannot evaluate on {split}")
-    dataset = CaptionEvalDataset(annotation_file, data_config["image_root"], build_eval_transform(image_size))
+    dataset = CaptionEvalDataset(annotation_file, data_config["image_root"], build_eval_transform(image_size),
+                                 skip_bad_images=data_config["eval_bad_images"] == "skip")
     if gt_file:
         with open(gt_file) as handle:
             gt = json.load(handle)
@@ -169,12 +204,10 @@ def learning_rate(config: dict, epoch: int, step_in_epoch: int, steps_per_epoch:
         return base
     if schedule == "cosine_epoch":  # BLIP: one value per epoch, cosine over the epochs
         return utils.cosine_lr(epoch, train_config["epochs"], base, floor)
-    if schedule == "cosine_step":
-        total = train_config["epochs"] * steps_per_epoch
-        if train_config["max_steps"]:
-            total = min(total, train_config["max_steps"])
-        return utils.cosine_lr(epoch * steps_per_epoch + step_in_epoch, total, base, floor)
-    raise utils.ConfigError(f"train.schedule must be cosine_epoch, cosine_step or constant, got {schedule!r}")
+    total = train_config["epochs"] * steps_per_epoch  # cosine_step
+    if train_config["max_steps"]:
+        total = min(total, train_config["max_steps"])
+    return utils.cosine_lr(epoch * steps_per_epoch + step_in_epoch, total, base, floor)
 
 
 def autocast_context(config: dict, device: torch.device):
@@ -203,26 +236,41 @@ def token_share(targets: torch.Tensor) -> torch.Tensor:
     return local * utils.get_world_size() / total.clamp(min=1)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the step and the batch's image ids."""
+
+
 def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionObjective, optimizer, config: dict,
-                    epoch: int, global_step: int, log: utils.JsonlLogger, device: torch.device) -> tuple[int, dict]:
-    """One pass over ``loader``; returns (global step, epoch statistics).
+                    progress: checkpointing.TrainProgress, log: utils.JsonlLogger, device: torch.device,
+                    save_latest) -> dict:
+    """Train on the rest of epoch ``progress.epoch`` (from batch ``progress.batches_done``); returns statistics.
 
     ``model`` is the (possibly DDP-wrapped) captioner used for the forward pass; ``captioner`` is the bare module
-    (tokenizer, targets). Loss values stay on the device and are read only every ``log_every`` steps.
+    (tokenizer, targets). ``progress`` is updated after every step, and ``save_latest()`` is called every
+    ``train.checkpoint_every`` steps. Loss values stay on the device and are read only every ``log_every``
+    steps; the one per-step host sync is the non-finite check (a single flag, all-reduced across ranks).
     """
     train_config = config["train"]
     model.train()
-    steps_per_epoch = len(loader)
+    epoch, first_batch = progress.epoch, progress.batches_done
+    steps_per_epoch = first_batch + len(loader)
     max_steps = train_config["max_steps"]
     running = torch.zeros((), device=device)
-    running_count = 0
-    epoch_sum, epoch_count = torch.zeros((), device=device), 0
-    progress = tqdm(loader, desc=f"epoch {epoch}", disable=not utils.is_main(), dynamic_ncols=True)
+    running_count, epoch_sum, epoch_count = 0, torch.zeros((), device=device), 0
+    skipped_images = torch.zeros((), device=device)
+    batches = iter(loader)  # draws the loader's base seed from the torch RNG ...
+    checkpointing.restore_rng_from(progress)  # ... so a mid-epoch resume restores the RNG after that draw
+    bar = tqdm(batches, total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch}",
+               disable=not utils.is_main(), dynamic_ncols=True)
     start = time.perf_counter()
-    for step_in_epoch, (images, captions, image_ids) in enumerate(progress):
-        if max_steps and global_step >= max_steps:
+    for batch_index, (images, captions, image_ids, num_skipped) in enumerate(bar, start=first_batch):
+        if max_steps and progress.global_step >= max_steps:
             break
-        lr = learning_rate(config, epoch, step_in_epoch, steps_per_epoch)
+        skipped_images += num_skipped
+        if not captions:
+            raise RuntimeError(f"every image of batch {batch_index} (epoch {epoch}) failed to load; is "
+                               f"data.image_root ({config['data']['image_root']}) right?")
+        lr = learning_rate(config, epoch, batch_index, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         images = images.to(device, non_blocking=True)
@@ -232,28 +280,66 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
             logits = model(images, input_ids, attention_mask)
         loss, parts = objective(logits, targets)
         loss = loss * token_share(targets)
+        if _any_rank_nonfinite(loss):
+            _handle_nonfinite(config, progress, image_ids, log)
+            optimizer.zero_grad(set_to_none=True)
+            progress.global_step += 1
+            progress.batches_done = batch_index + 1
+            continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train_config["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_config["grad_clip"])
         optimizer.step()
-        global_step += 1
+        progress.global_step += 1
+        progress.batches_done = batch_index + 1
         running += loss.detach()
         running_count += 1
         epoch_sum += loss.detach()
         epoch_count += 1
-        if global_step % train_config["log_every"] == 0:
+        if progress.global_step % train_config["log_every"] == 0:
             mean_loss = utils.all_reduce_mean(running / running_count).item()
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            log.log(kind="train", epoch=epoch, step=global_step, loss=mean_loss, lr=lr,
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            log.log(kind="train", epoch=epoch, step=progress.global_step, loss=mean_loss, lr=lr,
                     **{f"loss_{name}": value.item() for name, value in parts.items()})
             running.zero_()
             running_count = 0
+        if train_config["checkpoint_every"] and progress.global_step % train_config["checkpoint_every"] == 0:
+            save_latest()
     elapsed = time.perf_counter() - start
     mean = utils.all_reduce_mean(epoch_sum / max(epoch_count, 1)).item()
-    stats = {"loss": mean, "steps": epoch_count, "seconds": elapsed,
-             "images_per_second": epoch_count * train_config["batch_size"] * utils.get_world_size() / max(elapsed, 1e-9)}
-    return global_step, stats
+    skipped = int(utils.all_reduce_mean(skipped_images).item() * utils.get_world_size())
+    progress.skipped_images += skipped
+    if skipped:
+        logger.warning("epoch %d: skipped %d unreadable image(s) (%d in this run)", epoch, skipped,
+                       progress.skipped_images)
+    return {"loss": mean, "steps": epoch_count, "seconds": elapsed, "skipped_images": skipped,
+            "images_per_second": epoch_count * train_config["batch_size"] * utils.get_world_size() / max(elapsed, 1e-9)}
+
+
+def _any_rank_nonfinite(loss: torch.Tensor) -> bool:
+    flag = (~torch.isfinite(loss.detach())).float()
+    if utils.is_distributed():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _handle_nonfinite(config: dict, progress: checkpointing.TrainProgress, image_ids: torch.Tensor,
+                      log: utils.JsonlLogger) -> None:
+    """Stop (default) or skip the step, naming the step and every rank's image ids of the batch."""
+    ids = sorted(i for shard in utils.all_gather_object(image_ids.tolist()) for i in shard)
+    where = f"step {progress.global_step + 1} (epoch {progress.epoch}, batch {progress.batches_done})"
+    if config["train"]["on_nonfinite"] == "skip":
+        progress.skipped_steps += 1
+        logger.warning("non-finite loss at %s, image ids %s: step skipped (%d so far)", where, ids,
+                       progress.skipped_steps)
+        log.log(kind="nonfinite", epoch=progress.epoch, step=progress.global_step + 1, image_ids=ids)
+        return
+    raise NonFiniteLossError(
+        f"non-finite loss at {where}; image ids of the batch: {ids}. Stopped without saving; the last good "
+        f"checkpoint is {Path(config['output_dir']) / checkpointing.LATEST} (resume with --resume). Set "
+        "train.on_nonfinite: skip to skip such steps instead."
+    )
 
 
 def generation_options(config: dict) -> dict:
@@ -307,18 +393,6 @@ def selection_score(metrics: dict) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, captioner: BlipCaptioner, config: dict, **extra) -> None:
-    """Rank 0 writes ``{format, model, config, ...}`` atomically; loadable with ``weights_only=True``."""
-    if utils.is_main():
-        state = {"format": CHECKPOINT_FORMAT, "model": captioner.model.state_dict(), "config": config, **extra}
-        utils.atomic_torch_save(state, path)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Flows
 # --------------------------------------------------------------------------------------------------------------
 
@@ -343,14 +417,17 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
     """Train per ``config``; returns (summary with the best validation and the test metrics, trained captioner).
 
     Joins the process group torchrun describes, if any. Data paths must be resolved (``resolve_data_paths``).
+    Resumes from ``output_dir/checkpoint_latest.safetensors`` when ``resume`` says so (see checkpointing.py).
     """
     device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
-    output_dir = prepare_output_dir(config)
-    ensure_pretrained(config)
-    utils.seed_everything(config["seed"] + utils.get_rank())
+    output_dir = Path(config["output_dir"])
+    resume_from = checkpointing.check_output_dir(output_dir, config["resume"], config["overwrite"])
+    prepare_output_dir(config, "config.yaml" if resume_from is None else "config_resumed.yaml")
+    if resume_from is None:
+        ensure_pretrained(config)
     # Same initial weights on every rank even without a checkpoint: seed the model build identically.
     torch.manual_seed(config["seed"])
-    captioner = build_captioner(config, device)
+    captioner = build_captioner(config, device, load_weights=resume_from is None)
     utils.seed_everything(config["seed"] + utils.get_rank())
     model = captioner
     if utils.is_distributed():
@@ -358,42 +435,56 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
     objective = CaptionObjective(config["objective"])
     optimizer = build_optimizer(captioner, config)
     train_loader, sampler = build_train_loader(config, captioner.image_size)
-    val_loader, val_gt = build_eval_loader(config, "val", captioner.image_size) if config["train"]["validate"] else (None, None)
+    validate = config["train"]["validate"]
+    val_loader, val_gt = build_eval_loader(config, "val", captioner.image_size) if validate else (None, None)
     log = utils.JsonlLogger(output_dir / "log.jsonl")
+
+    progress = checkpointing.TrainProgress(world_size=utils.get_world_size())
+    if resume_from is not None:
+        progress = checkpointing.load_training_checkpoint(resume_from, captioner.model, optimizer)
+        logger.info("resuming %s at epoch %d, batch %d (step %d)", resume_from, progress.epoch,
+                    progress.batches_done, progress.global_step)
+        if progress.batches_done == 0:  # at an epoch boundary the next epoch's loader has not drawn yet
+            checkpointing.restore_rng_from(progress)
     logger.info("objective %s; %d training captions, %d steps per epoch, %d process(es)", objective,
                 len(train_loader.dataset), len(train_loader), utils.get_world_size())
 
-    best_score, best_metrics, global_step = -math.inf, None, 0
-    for epoch in range(config["train"]["epochs"]):
+    def save_latest():
+        checkpointing.save_training_checkpoint(output_dir / checkpointing.LATEST, captioner.model, optimizer,
+                                               config, progress)
+
+    max_steps = config["train"]["max_steps"]
+    while progress.epoch < config["train"]["epochs"] and not (max_steps and progress.global_step >= max_steps):
+        epoch = progress.epoch
         sampler.set_epoch(epoch)
-        global_step, stats = train_one_epoch(model, captioner, train_loader, objective, optimizer, config, epoch,
-                                             global_step, log, device)
-        log.log(kind="epoch", epoch=epoch, step=global_step, **stats)
+        sampler.skip_batches(progress.batches_done, config["train"]["batch_size"])
+        stats = train_one_epoch(model, captioner, train_loader, objective, optimizer, config, progress, log, device,
+                                save_latest)
+        log.log(kind="epoch", epoch=epoch, step=progress.global_step, **stats)
         logger.info("epoch %d: loss %.4f, %.1f images/s", epoch, stats["loss"], stats["images_per_second"])
+        metrics = None
         if val_loader is not None:
             results, metrics = evaluate(captioner, val_loader, val_gt, config, device)
-            log.log(kind="val", epoch=epoch, step=global_step, **metrics)
+            log.log(kind="val", epoch=epoch, step=progress.global_step, **metrics)
             logger.info("epoch %d val: %s", epoch, _format_metrics(metrics))
             if utils.is_main():
                 utils.write_json(output_dir / f"val_epoch{epoch}_results.json", results)
-            if selection_score(metrics) > best_score:
-                best_score, best_metrics = selection_score(metrics), metrics
-                save_checkpoint(output_dir / "checkpoint_best.pth", captioner, config, epoch=epoch,
-                                step=global_step, metrics=metrics)
-        save_checkpoint(output_dir / "checkpoint_latest.pth", captioner, config, epoch=epoch, step=global_step,
-                        optimizer=optimizer.state_dict(), best_score=best_score)
-        if config["train"]["max_steps"] and global_step >= config["train"]["max_steps"]:
-            break
-    if val_loader is None:  # no selection possible: the last epoch is the one to keep
-        save_checkpoint(output_dir / "checkpoint_best.pth", captioner, config, epoch=epoch, step=global_step)
+        progress.epoch, progress.batches_done = epoch + 1, 0
+        if metrics is None or selection_score(metrics) > progress.best_score:
+            # Without validation there is no selection: the last epoch is the one to keep.
+            if metrics is not None:
+                progress.best_score, progress.best_metrics = selection_score(metrics), metrics
+            checkpointing.save_training_checkpoint(output_dir / checkpointing.BEST, captioner.model, None, config,
+                                                   progress, metrics=metrics)
+        save_latest()
     utils.barrier()
 
-    summary = {"best_val": best_metrics, "steps": global_step}
+    summary = {"best_val": progress.best_metrics, "steps": progress.global_step,
+               "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps}
     if config["train"]["test_after_training"] and config["data"]["test_file"]:
-        best = torch.load(output_dir / "checkpoint_best.pth", map_location="cpu", weights_only=True)
-        captioner.model.load_state_dict(best["model"])
+        checkpointing.load_weights(output_dir / checkpointing.BEST, captioner.model)
         summary["test"] = evaluate_split(captioner, config, "test", device, output_dir, "test")
-        log.log(kind="test", step=global_step, **summary["test"])
+        log.log(kind="test", step=progress.global_step, **summary["test"])
     if utils.is_main():
         utils.write_json(output_dir / "summary.json", summary)
     return summary, captioner

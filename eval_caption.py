@@ -1,7 +1,7 @@
 """Evaluate captions: generate with a checkpoint and score them, or score an existing results file.
 
     # generate on eval.split with model.pretrained (or --checkpoint), then score eval.metrics
-    python eval_caption.py --config configs/toy/smile.yaml --checkpoint runs/toy/smile/checkpoint_best.pth
+    python eval_caption.py --config configs/toy/smile.yaml --checkpoint runs/toy/smile/checkpoint_best.safetensors
     torchrun --nproc_per_node 8 eval_caption.py --config configs/coco/eval_released.yaml
 
     # score captions from any system, no captioning model involved

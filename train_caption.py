@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 8 train_caption.py --config configs/coco/smile.yaml # DDP
     bash scripts/train.sh configs/coco/smile.yaml --opt train.batch_size=16      # the same, via the wrapper
 
-Each epoch: train, generate on val, score, keep checkpoint_latest.pth and checkpoint_best.pth (CIDEr + BLEU-4);
-at the end the best checkpoint is scored on test. Everything lands in ``output_dir``.
+Each epoch: train, generate on val, score, keep checkpoint_latest.safetensors (also every train.checkpoint_every
+steps) and checkpoint_best.safetensors (CIDEr + BLEU-4); at the end the best checkpoint is scored on test.
+Everything lands in ``output_dir``; ``--resume`` continues a run that was stopped.
 """
 import argparse
 
@@ -18,7 +19,13 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/default.yaml for all keys)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, dotted for nested keys; repeatable")
-    return parser.parse_args(argv)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from output_dir/checkpoint_latest.safetensors (same as --opt resume=true)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in output_dir and start over (same as --opt overwrite=true)")
+    args = parser.parse_args(argv)
+    args.opt += ["resume=true"] * args.resume + ["overwrite=true"] * args.overwrite
+    return args
 
 
 def main(argv=None) -> dict:

@@ -29,7 +29,8 @@ def test_inheritance_and_dotted_overrides(tmp_path):
         ("train.amp=1", r"'train.amp' must be bool"),
         ("model=3", r"'model' must be a mapping"),
         ("objective=smiel", r"unknown objective 'smiel'; valid names"),
-        ("eval.split=train", r"eval.split must be val or test"),
+        ("eval.split=train", r"eval.split must be one of \[.val., .test.\], got .train."),
+        ("resume=maybe", r"resume must be one of \[False, True, .auto.\]"),
     ],
 )
 def test_bad_keys_and_types_fail_listing_valid_choices(tmp_path, override, message):
