@@ -60,7 +60,7 @@ def load_config(path: str | Path, overrides=()) -> dict:
 
 
 def resolve_data_paths(config: dict) -> dict:
-    """Fill in the toy dataset's paths (and its vocab as tokenizer, if none is set) when ``data.toy`` is set.
+    """Fill in the toy dataset's paths that are not set (and its vocab as tokenizer, if none is) when ``data.toy``.
 
     The toy set is built on first use; concurrent ranks wait for one builder (a file lock).
     """
@@ -72,11 +72,14 @@ def resolve_data_paths(config: dict) -> dict:
     paths = ensure_toy_dataset(data_config["toy_root"])
     if config["model"]["tokenizer"] is None:
         config["model"]["tokenizer"] = str(paths["vocab_file"])
-    data_config.update(
-        image_root=str(paths["image_root"]), train_files=[str(paths["train_file"])],
-        val_file=str(paths["val_file"]), val_gt=str(paths["val_gt"]),
-        test_file=str(paths["test_file"]), test_gt=str(paths["test_gt"]),
-    )
+    toy_values = {
+        "image_root": str(paths["image_root"]), "train_files": [str(paths["train_file"])],
+        "val_file": str(paths["val_file"]), "val_gt": str(paths["val_gt"]),
+        "test_file": str(paths["test_file"]), "test_gt": str(paths["test_gt"]),
+    }
+    for key, value in toy_values.items():
+        if not data_config[key]:  # a value the config sets itself (e.g. a subset of the train file) wins
+            data_config[key] = value
     return config
 
 
