@@ -17,7 +17,25 @@ import utils  # noqa: E402
 from train_caption import parse_args  # noqa: E402
 
 
+def fail_on_rank_at_step(rank: int, step: int) -> None:
+    """Make rank ``rank`` raise in its ``step``-th objective call, to test how the other ranks end."""
+    import models
+
+    calls = {"n": 0}
+    original = models.CaptionObjective.__call__
+
+    def failing(self, logits, targets):
+        calls["n"] += 1
+        if utils.get_rank() == rank and calls["n"] == step:
+            raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+        return original(self, logits, targets)
+
+    models.CaptionObjective.__call__ = failing
+
+
 def main():
+    if os.environ.get("FAIL_RANK"):
+        fail_on_rank_at_step(int(os.environ["FAIL_RANK"]), int(os.environ.get("FAIL_STEP", 2)))
     args = parse_args()
     config = engine.load_config(args.config, args.opt)
     utils.setup_logging(config["output_dir"])
