@@ -163,3 +163,36 @@ def test_url_is_downloaded_once_into_cache(tmp_path, monkeypatch, blip_fixture):
 def test_unknown_source_names_it():
     with pytest.raises(CheckpointError, match="no/such/file.pth"):
         read_state_dict("no/such/file.pth")
+
+
+def test_download_with_wrong_checksum_is_rejected_and_not_kept(tmp_path, monkeypatch, blip_fixture):
+    from models.checkpoint import file_sha256
+
+    source = _save_original(tmp_path, blip_fixture)
+
+    def fake_download(url, destination, progress=True):
+        with open(source, "rb") as src, open(destination, "wb") as dst:
+            dst.write(src.read())
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    url = "https://example.invalid/model_caption.pth"
+    with pytest.raises(CheckpointError, match="does not match the expected"):
+        load_pretrained(_fresh(), url, cache_dir=tmp_path / "cache", sha256="0" * 64)
+    assert not (tmp_path / "cache" / "model_caption.pth").exists()
+    load_pretrained(_fresh(), url, cache_dir=tmp_path / "cache", sha256=file_sha256(source))
+    assert (tmp_path / "cache" / "model_caption.pth").exists()
+
+
+def test_own_checkpoint_file_round_trip_never_unpickles(tmp_path, fixture_captioner, blip_fixture):
+    from models.checkpoint import load_checkpoint_file, save_checkpoint_file
+
+    path = tmp_path / "own.safetensors"
+    save_checkpoint_file(path, fixture_captioner.model.state_dict(), {"extra/x": torch.arange(3)}, {"epoch": 4})
+    weights, extra, metadata = load_checkpoint_file(path)
+    assert metadata == {"epoch": 4} and torch.equal(extra["extra/x"], torch.arange(3))
+    reloaded = _fresh()
+    load_pretrained(reloaded, path)
+    torch.testing.assert_close(_logits(reloaded, blip_fixture), _logits(fixture_captioner, blip_fixture))
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint_file(path)
