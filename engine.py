@@ -109,6 +109,7 @@ def build_captioner(config: dict, device: torch.device, pretrained: str | None =
         prompt=model_config["prompt"],
         max_text_length=model_config["max_text_length"],
         gradient_checkpointing=model_config["gradient_checkpointing"],
+        attention=model_config["attention"],
     )
     source = pretrained or model_config["pretrained"]
     if source and load_weights:
@@ -280,8 +281,9 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
         input_ids, attention_mask = captioner.tokenize(captions)
         targets = captioner.build_targets(input_ids, attention_mask)
         with autocast_context(config, device):
-            logits = model(images, input_ids, attention_mask)
-        loss, parts = objective(logits, targets)
+            # The loss is computed inside the (DDP-wrapped) forward so that pure SMILE can use its
+            # token-set head instead of full-vocabulary logits.
+            loss, parts = model(images, input_ids, attention_mask, targets=targets, objective=objective)
         loss = loss * token_share(targets)
         if _any_rank_nonfinite(loss):
             _handle_nonfinite(config, progress, image_ids, log)

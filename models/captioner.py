@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
-from .objectives import IGNORE_INDEX
+from .attention import attention_of, set_attention
+from .objectives import IGNORE_INDEX, CaptionObjective
 
 DEFAULT_PROMPT = "a picture of "
 DEFAULT_TOKENIZER = "bert-base-uncased"
@@ -130,8 +131,9 @@ class BlipCaptioner(nn.Module):
     """A BLIP image captioner that owns its tokenizer and prompt.
 
     ``forward(pixel_values, input_ids, attention_mask) -> logits`` (B, L - 1, V), aligned with
-    ``build_targets(input_ids, attention_mask)`` (B, L - 1); the training objective is applied outside the module
-    (models/objectives.py), so DDP wraps exactly the network.
+    ``build_targets(input_ids, attention_mask)`` (B, L - 1). Training passes the targets and the objective too,
+    ``forward(..., targets=targets, objective=objective) -> (loss, parts)``, so that the whole step, loss
+    included, runs inside the (possibly DDP-wrapped) module and SMILE can skip the (B, L - 1, V) logits.
     """
 
     def __init__(
@@ -161,8 +163,13 @@ class BlipCaptioner(nn.Module):
         prompt: str = DEFAULT_PROMPT,
         max_text_length: int = 40,
         gradient_checkpointing: bool = False,
+        attention: str = "sdpa",
     ) -> "BlipCaptioner":
-        """A randomly initialised captioner; load weights with ``models.checkpoint.load_pretrained``."""
+        """A randomly initialised captioner; load weights with ``models.checkpoint.load_pretrained``.
+
+        ``attention``: "sdpa" (fused ``scaled_dot_product_attention``, models/attention.py) or "eager"
+        (transformers' own BLIP attention). Both hold the same weights under the same names.
+        """
         if not isinstance(tokenizer, BertTokenizer):
             tokenizer = build_tokenizer(tokenizer)
         config = build_blip_config(resolve_architecture(arch), image_size, tokenizer)
@@ -173,7 +180,18 @@ class BlipCaptioner(nn.Module):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_attention(model, attention)
         return cls(model, tokenizer, prompt=prompt, max_text_length=max_text_length)
+
+    @property
+    def attention(self) -> str:
+        """The attention implementation in use, read from the modules: "sdpa", "eager" (or "mixed")."""
+        return attention_of(self.model)
+
+    def set_attention(self, implementation: str) -> "BlipCaptioner":
+        """Switch between "sdpa" and "eager" attention in place (weights untouched)."""
+        set_attention(self.model, implementation)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -209,8 +227,43 @@ class BlipCaptioner(nn.Module):
         """ViT tokens (B, 1 + num_patches, vision_width)."""
         return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Decoder logits (B, L - 1, V); ``logits[:, t]`` scores ``input_ids[:, t + 1]``."""
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        objective: CaptionObjective | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Decoder logits (B, L - 1, V), or with ``objective`` the loss: ``(total, {name: part})``.
+
+        Without an objective, ``logits[:, t]`` scores ``input_ids[:, t + 1]``. With one, ``targets`` (B, L - 1)
+        from ``build_targets`` are required. When every part of the objective can be computed from the LM head's
+        features (pure SMILE; see ``CaptionObjective.supports_features``), the head's vocabulary projection runs
+        only on each row's token set and, for first-token MLE, on each row's first target position, instead of
+        producing (B, L - 1, V) logits; the loss and the gradients are those of the plain path. Otherwise (MLE or
+        a mixture with MLE) the plain logits go through the objective.
+        """
+        if objective is None:
+            if targets is not None:
+                raise ValueError("targets given without an objective: pass objective= to get the loss")
+            return self._decoder_logits(pixel_values, input_ids, attention_mask)
+        if targets is None:
+            raise ValueError("an objective needs targets: pass targets=captioner.build_targets(...)")
+        if not objective.supports_features:
+            return objective(self._decoder_logits(pixel_values, input_ids, attention_mask), targets)
+        hidden = self.model.text_decoder.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=self.encode_images(pixel_values),
+            use_cache=False,
+            is_decoder=True,
+        ).last_hidden_state[:, :-1]  # (B, L - 1, D): the last position predicts nothing
+        head = self.model.text_decoder.cls.predictions
+        features = head.transform(hidden)  # dense + gelu + LayerNorm, as before the full projection
+        return objective.from_features(features, head.decoder.weight, head.decoder.bias, targets)
+
+    def _decoder_logits(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
         image_embeds = self.encode_images(pixel_values)
         output = self.model.text_decoder(
             input_ids=input_ids,

@@ -1,0 +1,322 @@
+"""Training-step throughput of the BLIP captioner: the original-semantics path against the optimised one.
+
+    python benchmarks/bench_train.py                                    # CPU: tiny preset, 48 px, batch 32
+    python benchmarks/bench_train.py --preset base --image-size 384 --batch 32      # one GPU
+
+Paths (same initial weights, same synthetic batch, same objective; timed in one process with their steps
+interleaved round-robin, so load from other processes on the machine hits every path alike):
+
+* ``baseline``: what the repository did before issue 8: fp32, transformers' eager attention, plain (for-each)
+  AdamW, full (B, L - 1, V) logits fed to the objective outside the model;
+* ``optimised``: SDPA attention, bf16 autocast and fused AdamW on CUDA (fp32 and plain AdamW on CPU, as the
+  engine does), and the loss computed inside the model (``forward(..., targets=, objective=)``), which for pure
+  SMILE never forms the full logits (models/objectives.py ``smile_from_features``);
+* ``sdpa`` and ``smile_head`` (``--paths``): each optimisation alone, on top of the baseline;
+* ``NAME:mle`` runs a path with MLE instead of the ``--objective``, e.g. ``optimised:mle``.
+
+Printed per path: images/s from the fastest step (load from other processes only adds time; the median step is
+printed too), that step split into data (tokenise, targets, host-to-device copy of the prepared images; no image
+decoding), forward (loss included), backward and optimiser; the peak memory; the MFU; ratios to the first path;
+then the machine. The first-step loss of each path is printed as a check that all paths compute the same
+objective (paths whose dropout kernels draw alike show the same value).
+
+Memory, measured for each path alone in a fresh subprocess (two steps): on CUDA ``torch.cuda.max_memory_allocated``
+(weights, optimiser state and activations); on CPU the growth of the process's peak resident set during the steps
+(activations, gradients and optimiser state).
+
+FLOPs per image (``train_flops_per_image``): multiply-adds of every matmul counted as 2 FLOPs; element-wise
+ops, softmax and LayerNorm ignored; a training step counts 3x the forward (backward = 2x forward). With image
+tokens T = 1 + (S / p)^2, text positions N (the batch's padded length), widths d_v / d_t, MLP widths m_v / m_t,
+layers L_v / L_t, vocabulary V:
+
+    vision  = 2 (S/p)^2 (3 p^2) d_v  +  L_v [ 2 T (4 d_v^2 + 2 d_v m_v) + 4 T^2 d_v ]
+    text    = L_t [ 2 N (4 d_t^2 + 2 d_t m_t)            # self-attention q, k, v, out + FFN
+                    + 4 N^2 d_t                          # self-attention scores and weighted sum (full square)
+                    + 2 N (2 d_t^2) + 4 T d_v d_t        # cross-attention q, out; k, v from the image tokens
+                    + 4 N T d_t ]                        # cross-attention scores and weighted sum
+    head    = 2 N d_t^2 + 2 N d_t V                      # transform dense + vocabulary projection
+    head    = 2 N d_t^2 + 2 N K d_t + 2 d_t V            # SMILE-aware head: K = N set slots (padded), plus the
+                                                         # full projection at the first target position
+
+MFU = images/s x 3 (vision + text + head) / peak FLOP/s, with each path's own head count (so a path that skips
+work is not credited for it; compare paths by images/s). Peak: ``--peak-tflops``, else the datasheet dense bf16
+peak for known GPUs, else (CPU) the fp32 matmul throughput measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import BlipCaptioner, CaptionObjective  # noqa: E402
+from models.captioner import resolve_architecture  # noqa: E402
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts), FLOP/s.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+PATHS = {
+    "baseline": dict(attention="eager", fast=False, fused_loss=False),
+    "sdpa": dict(attention="sdpa", fast=False, fused_loss=False),
+    "smile_head": dict(attention="eager", fast=False, fused_loss=True),
+    "optimised": dict(attention="sdpa", fast=True, fused_loss=True),
+}
+BERT_VOCAB = 30522  # + [DEC] and [ENC] = 30524 ids, as BLIP's decoder
+
+
+def synthetic_vocab(directory: Path, size: int = BERT_VOCAB) -> Path:
+    """A WordPiece vocab.txt of BERT-base's size: specials, the prompt words, then whole-word fillers w1, w2, ..."""
+    path = directory / "vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "picture", "of"]
+    words += [f"w{i}" for i in range(1, size - len(words) + 1)]
+    path.write_text("\n".join(words) + "\n")
+    return path
+
+
+def synthetic_captions(batch: int, vocab_size: int, seed: int = 0, words=(8, 20)) -> list[str]:
+    """COCO-like lengths: 8-20 words drawn uniformly from the filler vocabulary (the longest sets the padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(words[0], words[1] + 1, (batch,), generator=generator).tolist()
+    return [" ".join(f"w{i}" for i in torch.randint(1, vocab_size - 8, (n,), generator=generator).tolist())
+            for n in lengths]
+
+
+def build_captioner(args, attention: str, vocab_file: Path) -> BlipCaptioner:
+    """The ``--preset`` captioner, seeded so every path starts from the same weights."""
+    torch.manual_seed(0)
+    return BlipCaptioner.build(args.preset, image_size=args.image_size, tokenizer=vocab_file, attention=attention)
+
+
+def train_flops_per_image(arch, image_size: int, text_positions: int, vocab: int, smile_head: bool = False) -> float:
+    """Matmul FLOPs of one training step per image (3x the forward); formula in the module docstring."""
+    patches = (image_size // arch.patch_size) ** 2
+    tokens, dv, mv = patches + 1, arch.vision_width, arch.vision_mlp
+    vision = 2 * patches * 3 * arch.patch_size**2 * dv
+    vision += arch.vision_layers * (2 * tokens * (4 * dv * dv + 2 * dv * mv) + 4 * tokens * tokens * dv)
+    n, dt, mt = text_positions, arch.text_width, arch.text_intermediate
+    layer = 2 * n * (4 * dt * dt + 2 * dt * mt) + 4 * n * n * dt
+    layer += 2 * n * 2 * dt * dt + 4 * tokens * dv * dt + 4 * n * tokens * dt
+    text = arch.text_layers * layer
+    head = 2 * n * dt * dt + (2 * n * n * dt + 2 * dt * vocab if smile_head else 2 * n * dt * vocab)
+    return 3.0 * (vision + text + head)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PathRunner:
+    """One path: its own captioner (same initial weights as every other path), optimiser and autocast setting."""
+
+    def __init__(self, spec: str, args, vocab_file: Path):
+        name, _, objective_name = spec.partition(":")
+        self.spec, self.config = spec, PATHS[name]
+        self.device = torch.device(args.device)
+        self.fast = self.config["fast"] and self.device.type == "cuda"
+        self.captioner = build_captioner(args, self.config["attention"], vocab_file).to(self.device).train()
+        self.objective = CaptionObjective(objective_name or args.objective)
+        self.optimizer = torch.optim.AdamW(self.captioner.parameters(), lr=1e-5, weight_decay=0.05, fused=self.fast)
+        self.phases = {"data": [], "forward": [], "backward": [], "optimiser": []}
+        self.first_loss = None
+        self.text_positions = None
+
+    def step(self, images: torch.Tensor, captions: list[str], record: bool) -> None:
+        device, captioner = self.device, self.captioner
+        _sync(device)
+        t0 = time.perf_counter()
+        pixel_values = images.to(device, non_blocking=True)
+        input_ids, attention_mask = captioner.tokenize(captions)
+        targets = captioner.build_targets(input_ids, attention_mask)
+        _sync(device)
+        t1 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.fast else nullcontext():
+            if self.config["fused_loss"]:
+                loss, _ = captioner(pixel_values, input_ids, attention_mask, targets=targets, objective=self.objective)
+            else:
+                logits = captioner(pixel_values, input_ids, attention_mask)
+        if not self.config["fused_loss"]:  # as engine.train_one_epoch did: the objective outside autocast
+            loss, _ = self.objective(logits, targets)
+        _sync(device)
+        t2 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device)
+        t3 = time.perf_counter()
+        self.optimizer.step()
+        _sync(device)
+        t4 = time.perf_counter()
+        if self.first_loss is None:
+            self.first_loss, self.text_positions = loss.item(), int(input_ids.shape[1])
+        if record:
+            for key, seconds in zip(self.phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                self.phases[key].append(seconds)
+
+    def summary(self) -> dict:
+        totals = [sum(parts) for parts in zip(*self.phases.values())]
+        fastest = min(range(len(totals)), key=totals.__getitem__)
+        return {
+            "path": self.spec, "objective": repr(self.objective), "attention": self.captioner.attention,
+            "amp": self.fast, "fused_adamw": self.fast, "loss_in_model": self.config["fused_loss"],
+            "smile_head": self.config["fused_loss"] and self.objective.supports_features,
+            "step_seconds": totals[fastest], "median_step_seconds": statistics.median(totals),
+            "phases": {key: values[fastest] for key, values in self.phases.items()}, "first_loss": self.first_loss,
+            "text_positions": self.text_positions,
+        }
+
+
+def synthetic_batch(args) -> tuple[torch.Tensor, list[str]]:
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    if torch.device(args.device).type == "cuda":
+        images = images.pin_memory()
+    return images, synthetic_captions(args.batch, BERT_VOCAB)
+
+
+def time_paths(specs: list[str], args, vocab_file: Path) -> list[dict]:
+    """All paths in one process, steps interleaved round-robin: load from other processes hits all alike."""
+    runners = [PathRunner(spec, args, vocab_file) for spec in specs]
+    images, captions = synthetic_batch(args)
+    for step in range(args.warmup + args.steps):
+        for runner in runners:
+            torch.manual_seed(step)  # the same dropout draws in every path (where their kernels draw alike)
+            runner.step(images, captions, record=step >= args.warmup)
+    results = [runner.summary() for runner in runners]
+    for result in results:
+        result["images_per_second"] = args.batch / result["step_seconds"]
+    return results
+
+
+def path_memory(spec: str, args, vocab_file: Path) -> dict:
+    """Peak memory of two steps of one path, alone in this (fresh) process."""
+    runner = PathRunner(spec, args, vocab_file)
+    images, captions = synthetic_batch(args)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(2):
+        runner.step(images, captions, record=False)
+    if runner.device.type == "cuda":
+        return {"memory_bytes": torch.cuda.max_memory_allocated(), "memory_kind": "peak allocated"}
+    return {"memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before,
+            "memory_kind": "peak RSS growth over the steps"}
+
+
+def measured_peak(device: torch.device) -> tuple[float, str]:
+    """Achieved matmul FLOP/s (fp32 on CPU, bf16 on CUDA): a practical ceiling for this machine."""
+    size = 2048 if device.type == "cpu" else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    repeats, start = 5, time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start), f"measured {dtype} {size}^3 matmul"
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    hardware = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return (f"{hardware}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"python {platform.python_version()}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="architecture preset: tiny | base | large")
+    parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--objective", default="smile", help="objective name from models/objectives.py")
+    parser.add_argument("--paths", default="baseline,optimised,optimised:mle",
+                        help=f"comma-separated NAME[:OBJECTIVE], NAME in {list(PATHS)}; ratios are to the first")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU, in TFLOP/s")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # measure one path's memory, print JSON
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(path_memory(args.worker, args, Path(args.workdir) / "vocab.txt")))
+        return
+    device = torch.device(args.device)
+    specs = [spec.strip() for spec in args.paths.split(",") if spec.strip()]
+    for spec in specs:
+        if spec.partition(":")[0] not in PATHS:
+            parser.error(f"unknown path {spec!r}; valid names: {list(PATHS)}")
+    with tempfile.TemporaryDirectory() as workdir:
+        vocab_file = synthetic_vocab(Path(workdir))
+        memory = []
+        for spec in specs:  # a fresh process per path: peak counters see that path alone
+            command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                       "--worker", spec, "--workdir", workdir]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"path {spec} failed:\n{done.stderr}")
+            memory.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results = time_paths(specs, args, vocab_file)
+    for result, peak_memory in zip(results, memory):
+        result.update(peak_memory)
+
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops * 1e12, "--peak-tflops"
+    elif device.type == "cuda" and any(k in torch.cuda.get_device_name(device) for k in GPU_PEAK_BF16):
+        key = next(k for k in GPU_PEAK_BF16 if k in torch.cuda.get_device_name(device))
+        peak, peak_source = GPU_PEAK_BF16[key], f"{key} datasheet dense bf16"
+    else:
+        peak, peak_source = measured_peak(device)
+    arch = resolve_architecture(args.preset)
+    vocab = BERT_VOCAB + 2
+    print(f"machine: {machine_description(device)}")
+    print(f"model: {args.preset} preset, {args.image_size} px, batch {args.batch}, V={vocab}, "
+          f"text positions {results[0]['text_positions']}; {args.steps} steps per path after {args.warmup} warm-up")
+    flops = {flag: train_flops_per_image(arch, args.image_size, results[0]["text_positions"], vocab, flag)
+             for flag in (False, True)}
+    print(f"training FLOPs per image: {flops[False] / 1e9:.3f} GFLOP (full-vocabulary head), {flops[True] / 1e9:.3f} "
+          f"GFLOP (SMILE-aware head); MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    base = results[0]
+    header = (f"{'path':<16} {'img/s':>8} {'x':>6} {'step ms':>9} {'median':>9} {'data':>7} {'fwd':>8} {'bwd':>8} {'opt':>7} "
+              f"{'mem MiB':>9} {'x mem':>6} {'MFU %':>6} {'loss@0':>9}")
+    print(header)
+    for r in results:
+        phases = r["phases"]
+        print(f"{r['path']:<16} {r['images_per_second']:8.1f} {r['images_per_second'] / base['images_per_second']:6.2f} "
+              f"{r['step_seconds'] * 1e3:9.1f} {r['median_step_seconds'] * 1e3:9.1f} {phases['data'] * 1e3:7.1f} {phases['forward'] * 1e3:8.1f} "
+              f"{phases['backward'] * 1e3:8.1f} {phases['optimiser'] * 1e3:7.1f} {r['memory_bytes'] / 2**20:9.1f} "
+              f"{r['memory_bytes'] / max(base['memory_bytes'], 1):6.2f} "
+              f"{100 * r['images_per_second'] * flops[r['smile_head']] / peak:6.2f} {r['first_loss']:9.4f}")
+    print(f"step ms and its phases: the fastest step (load from other processes only adds time); median: the median "
+          f"step; memory: {base['memory_kind']}; x: ratio to {base['path']}")
+    for r in results:
+        print(f"  {r['path']}: {r['objective']}, attention {r['attention']}, bf16 autocast {r['amp']}, "
+              f"fused AdamW {r['fused_adamw']}, loss in model {r['loss_in_model']}, SMILE-aware head {r['smile_head']}")
+
+
+if __name__ == "__main__":
+    main()
