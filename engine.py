@@ -181,6 +181,11 @@ def build_eval_loader(config: dict, split: str, image_size: int):
     if gt_file:
         with open(gt_file) as handle:
             gt = json.load(handle)
+        # BLIP's COCO GT files list image ids only; image metrics (retrieval, CLIPScore) need file names.
+        file_names = dict(zip(dataset.image_ids, dataset.image_paths))
+        for image in gt.get("images", []):
+            if "file_name" not in image and image.get("id") in file_names:
+                image["file_name"] = file_names[image["id"]]
     else:
         gt = build_coco_gt(annotation_file)
     max_images = config["eval"]["max_images"]

@@ -268,22 +268,25 @@ def setup_logging(output_dir: str | Path | None = None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
+def publish_file(temporary: str | Path, path: str | Path) -> None:
+    """Rename a finished temp file into place with ordinary permissions.
+
+    NamedTemporaryFile creates files readable by their owner only (0600); results and checkpoints should get
+    the same permissions as any other file the user writes (0666 minus the umask).
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         handle.write(text)
-    os.replace(handle.name, path)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
-        temporary = handle.name
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    publish_file(handle.name, path)
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import tempfile
 import urllib.parse
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from utils import publish_file
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def save_checkpoint_file(path: str | Path, model_state: dict[str, torch.Tensor],
         temporary = handle.name
     try:
         save_file({k: v.cpu() for k, v in payload.items()}, temporary, metadata=header)
-        os.replace(temporary, path)
+        publish_file(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -118,7 +118,7 @@ def test_nonfinite_loss_can_be_skipped_and_counted(toy, tmp_path, monkeypatch):
 
 def test_finished_run_is_not_overwritten_without_a_flag(toy, tmp_path):
     run = tmp_path / "run"
-    options = _opts(toy, run, "train.max_steps=1")
+    options = _opts(toy, run, "train.max_steps=1", "resume=false")  # the toy configs default to resume: auto
     train_caption.main(["--config", PRETRAIN, *options])
     before = (run / "summary.json").read_text()
     with pytest.raises(RunExistsError, match=r"already holds a run .*--resume.*--overwrite"):
@@ -126,7 +126,7 @@ def test_finished_run_is_not_overwritten_without_a_flag(toy, tmp_path):
     assert (run / "summary.json").read_text() == before
     train_caption.main(["--config", PRETRAIN, *options, "--overwrite"])
     with pytest.raises(RunExistsError, match="no checkpoint_latest"):
-        train_caption.main(["--config", PRETRAIN, *_opts(toy, tmp_path / "empty"), "--resume"])
+        train_caption.main(["--config", PRETRAIN, *_opts(toy, tmp_path / "empty", "resume=false"), "--resume"])
 
 
 @pytest.mark.slow

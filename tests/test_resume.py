@@ -21,7 +21,7 @@ def _run(tmp_path, output_dir, train_file, *extra, kill_at=None):
         f"data.toy_root={tmp_path / 'toy'}", f"output_dir={output_dir}", f"data.train_files=[{train_file}]",
         "data.num_workers=0", "train.batch_size=8", "train.epochs=3", "train.log_every=1",
         "train.checkpoint_every=2", "train.validate=false", "train.test_after_training=false",
-        "data.augment=true", *extra,
+        "data.augment=true", "resume=false", *extra,
     ]
     command = [sys.executable, str(REPO / "tests" / "resume_worker.py"),
                "--config", str(REPO / "configs" / "toy" / "pretrain.yaml")]

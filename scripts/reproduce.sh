@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Train and test every SMILE table row of one dataset, then write results/<dataset>.md.
+#
+#   bash scripts/reproduce.sh coco|flickr30k|toy [KEY=VALUE | --opt KEY=VALUE ...]
+#
+# Each row is `bash scripts/train.sh configs/<dataset>/<row>.yaml` (train, validate every epoch, score the best
+# checkpoint on test); the rows' <output_dir>/test_metrics.json become the table (scripts/make_table.py), printed
+# next to the published numbers where the SMILE authors published some. Overrides apply to every row.
+#
+#   ROWS       rows to run, in order (default coco/flickr30k: mle smile mle_smile random_subset reverse_subset
+#              smile_no_first_token; toy: mle smile mle_smile). The table lists the rows of ROWS.
+#   RUNS_DIR   put row R's output in RUNS_DIR/R (default: the config's output_dir)
+#   METRICS    eval.metrics for the test split (default coco/flickr30k: the paper's metrics,
+#              coco,length,diversity,retrieval,clipscore,ppl, which need CLIP and GPT-2 weights (eval.clip_model,
+#              eval.ppl_model); toy: the config's, which needs no model weights)
+#   SKIP_DONE  1: keep a row whose test_metrics.json exists instead of training it again (default 0)
+#   CHECK_DATA 0: skip the prepare_data.py --check-only pass over the images before the first row (default 1)
+#   RESULTS    the markdown file to write (default results/<dataset>.md)
+#   LEX_DIV    the statistic of the table's Lex. Div. column: distinct_1 (default), distinct_2, vocab_size, ttr
+#   NPROC, NNODES, ... as scripts/train.sh.
+#
+# A row whose output folder already holds a run is refused (train_caption.py never reuses one silently). After an
+# interruption, `SKIP_DONE=1 bash scripts/reproduce.sh coco resume=auto` keeps the finished rows and continues the
+# interrupted one from its latest checkpoint; `overwrite=true` trains every row again from the start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+export PYTHON
+
+usage() { echo "usage: bash scripts/reproduce.sh coco|flickr30k|toy [KEY=VALUE ...]" >&2; exit 2; }
+[[ $# -ge 1 ]] || usage
+DATASET=$1
+shift
+COMMAND_ARGS="$*"
+case "$DATASET" in
+  coco|flickr30k)
+    ALL_ROWS="mle smile mle_smile random_subset reverse_subset smile_no_first_token"
+    DEFAULT_METRICS="coco,length,diversity,retrieval,clipscore,ppl" ;;
+  toy)
+    ALL_ROWS="mle smile mle_smile"
+    DEFAULT_METRICS="" ;;
+  *) echo "reproduce.sh: unknown dataset '$DATASET'" >&2; usage ;;
+esac
+ROWS=${ROWS:-$ALL_ROWS}
+METRICS=${METRICS-$DEFAULT_METRICS}
+RESULTS=${RESULTS:-results/$DATASET.md}
+
+# Overrides as bare KEY=VALUE (scripts/train.sh turns them into --opt); the metric choice goes first so that an
+# explicit eval.metrics=... on the command line still wins.
+OVERRIDES=()
+[[ -n "$METRICS" ]] && OVERRIDES+=("eval.metrics=[${METRICS//,/, }]")
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --opt) [[ $# -ge 2 ]] || { echo "reproduce.sh: --opt needs KEY=VALUE" >&2; exit 2; }; OVERRIDES+=("$2"); shift 2 ;;
+    *=*) OVERRIDES+=("$1"); shift ;;
+    *) echo "reproduce.sh: expected KEY=VALUE overrides, got '$1'" >&2; exit 2 ;;
+  esac
+done
+
+declare -A NAMES=(
+  [mle]="MLE" [smile]="SMILE" [mle_smile]="MLE+SMILE 0.01:0.99" [random_subset]="Random subset"
+  [reverse_subset]="Reverse subset" [smile_no_first_token]="SMILE w/o first-token MLE"
+)
+
+# Resolve every row's config in one process before any training (this validates each config and override) and
+# keep its output_dir; image_root and val_file (the same for every row) feed the data check below.
+CONFIGS=()
+for row in $ROWS; do
+  [[ -n "${NAMES[$row]:-}" && -f "configs/$DATASET/$row.yaml" ]] || {
+    echo "reproduce.sh: no row '$row' for $DATASET (rows: $ALL_ROWS)" >&2; exit 2; }
+  CONFIGS+=("configs/$DATASET/$row.yaml")
+done
+resolved=$(CONFIGS="${CONFIGS[*]}" ROWS="$ROWS" "$PYTHON" - "${OVERRIDES[@]}" <<'EOF'
+import os
+import sys
+
+import engine
+
+runs_dir = os.environ.get("RUNS_DIR")
+for row, path in zip(os.environ["ROWS"].split(), os.environ["CONFIGS"].split()):
+    overrides = sys.argv[1:] + ([f"output_dir={runs_dir}/{row}"] if runs_dir else [])
+    config = engine.load_config(path, overrides)
+    print(row, config["output_dir"], config["data"]["image_root"], config["data"]["val_file"], sep="\t")
+EOF
+)
+declare -A OUTDIR
+while IFS=$'\t' read -r row out root file; do OUTDIR[$row]=$out; IMAGE_ROOT=$root; VAL_FILE=$file; done <<< "$resolved"
+declare -A ROW_OF
+for row in $ROWS; do
+  other=${ROW_OF[${OUTDIR[$row]}]:-}
+  [[ -z "$other" ]] || {
+    echo "reproduce.sh: rows $other and $row would both write to ${OUTDIR[$row]}; to move the runs, set" \
+         "RUNS_DIR instead of overriding output_dir" >&2; exit 2; }
+  ROW_OF[${OUTDIR[$row]}]=$row
+done
+
+# The images and annotation files, checked before any GPU time is spent (the layout prepare_data.py writes:
+# <root>/annotations/<files>).
+if [[ "$DATASET" != toy && "${CHECK_DATA:-1}" != 0 ]]; then
+  annotations=$(dirname "$VAL_FILE")
+  if [[ "$(basename "$annotations")" == annotations ]]; then
+    "$PYTHON" scripts/prepare_data.py "$DATASET" --root "$(dirname "$annotations")" --image-root "$IMAGE_ROOT" \
+      --check-only
+  else
+    echo "reproduce.sh: $VAL_FILE is not in an annotations/ folder; skipping the prepare_data.py check" >&2
+  fi
+fi
+
+declare -A SECONDS_TAKEN
+for row in $ROWS; do
+  out=${OUTDIR[$row]}
+  if [[ "${SKIP_DONE:-0}" == 1 && -f "$out/test_metrics.json" ]]; then
+    echo "== $row: $out/test_metrics.json exists, skipped (SKIP_DONE=1)"
+    SECONDS_TAKEN[$row]="-"
+    continue
+  fi
+  extra=()
+  [[ -n "${RUNS_DIR:-}" ]] && extra=("output_dir=$RUNS_DIR/$row")
+  echo "== $row: bash scripts/train.sh configs/$DATASET/$row.yaml ${OVERRIDES[*]} ${extra[*]}"
+  start=$(date +%s)
+  bash scripts/train.sh "configs/$DATASET/$row.yaml" "${OVERRIDES[@]}" "${extra[@]}"
+  SECONDS_TAKEN[$row]=$(( $(date +%s) - start ))
+  [[ -f "$out/test_metrics.json" ]] || {
+    echo "reproduce.sh: $row finished without $out/test_metrics.json (is train.test_after_training off?)" >&2
+    exit 1; }
+done
+
+files=(); names=()
+for row in $ROWS; do files+=("${OUTDIR[$row]}/test_metrics.json"); names+=("${NAMES[$row]}"); done
+table=$("$PYTHON" scripts/make_table.py "${files[@]}" --names "${names[@]}" --lex-div "${LEX_DIV:-distinct_1}")
+
+mkdir -p "$(dirname "$RESULTS")"
+{
+  case "$DATASET" in
+    coco) echo "# MSCOCO, Karpathy test split" ;;
+    flickr30k) echo "# Flickr30K, Karpathy test split" ;;
+    toy) echo "# Toy dataset, test split" ;;
+  esac
+  echo
+  echo "Written by \`bash scripts/reproduce.sh $DATASET${COMMAND_ARGS:+ $COMMAND_ARGS}\` on $(date -u '+%Y-%m-%d %H:%M UTC')," \
+       "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')."
+  echo "Each row: train with the row's config, keep the best epoch by validation CIDEr + BLEU-4, score it on test."
+  echo "BLEU-4 and CIDEr are x100; \"-\" marks a metric that was not computed. Test images scored per row:" \
+       "$("$PYTHON" -c 'import json, sys; print(", ".join(str(json.load(open(f)).get("num_images", "?")) for f in sys.argv[1:]))' "${files[@]}")."
+  echo
+  echo "$table"
+  echo
+  echo "| Row | Config | Output | Wall time (s) |"
+  echo "| --- | --- | --- | ---: |"
+  for row in $ROWS; do
+    echo "| ${NAMES[$row]} | configs/$DATASET/$row.yaml | ${OUTDIR[$row]} | ${SECONDS_TAKEN[$row]} |"
+  done
+  echo
+  echo "Wall time: training, per-epoch validation and test, on $(getconf _NPROCESSORS_ONLN) CPU core(s) and" \
+       "$("$PYTHON" -c 'import torch; n = torch.cuda.device_count(); print(f"{n} x {torch.cuda.get_device_name(0)}" if n else "no GPU")')" \
+       "(NPROC=${NPROC:-all visible GPUs, or 1 without CUDA}); \"-\" means the row was reused (SKIP_DONE=1)."
+  if [[ "$DATASET" == toy ]]; then
+    echo "The first toy row's time includes training the toy pre-trained model when cache/toy_pretrain held none."
+  fi
+  if [[ "$DATASET" == coco ]]; then
+    cat <<'EOF'
+
+## Published (the SMILE authors' README: their released checkpoints on the COCO Karpathy test split)
+
+The paper does not define which statistic its Lex. Div. is, so the Lex. Div. column above (the statistic named
+in its header) is not necessarily the same quantity; each row's test_metrics.json holds every candidate
+(`vocab_size`, `distinct_1`, `distinct_2`, `ttr`), and LEX_DIV=<name> picks the one the table shows.
+
+| Checkpoint | Cap. Len. | Lex. Div. | R@1 | R@5 | CLIPScore | PPL |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
+| blip_smile_base.pth (SMILE) | 22.3 | 4.5 | 10.0 | 24.5 | 75.0 | 95.6 |
+| blip_mle_smile_base.pth (MLE+SMILE 0.01:0.99) | 19.8 | 3.6 | 10.9 | 25.1 | 76.2 | 79.4 |
+EOF
+  fi
+} > "$RESULTS.tmp"
+mv "$RESULTS.tmp" "$RESULTS"
+echo "wrote $RESULTS"
+cat "$RESULTS"
