@@ -6,8 +6,12 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from models import BlipCaptioner, attention_of, set_attention
-from models.attention import SdpaBlipAttention, SdpaBlipTextSelfAttention, _sdpa_mask
+from models.attention import SdpaBlipAttention, SdpaBlipTextSelfAttention, _sdpa_mask, sdpa_supported
 from tests.conftest import FIXTURES, fixture_architecture
+
+# On a transformers whose BLIP attention has another layout (4.57), set_attention keeps eager attention with a
+# warning, and every comparison below would compare eager with itself.
+pytestmark = pytest.mark.skipif(not sdpa_supported(), reason="SDPA patch does not cover this transformers' BLIP")
 
 CAPTIONS = ["a dog", "a small white cat on a table", "two red balls on the grass"]  # ragged: padding
 
