@@ -19,6 +19,21 @@ def read_json_file(path: str | Path, what: str):
         raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
 
 
+def load_from_source(loaders: dict, source: str, what: str, expected: str) -> dict:
+    """Call each ``name -> from_pretrained`` loader on ``source``; a failure says what was tried and what to pass.
+
+    Returns ``{name: loaded object}``. ``expected`` describes what a usable local directory holds.
+    """
+    try:
+        return {name: loader(source) for name, loader in loaders.items()}
+    except (OSError, ValueError) as err:
+        where = "local directory" if Path(source).is_dir() else "hub id (and not an existing local directory)"
+        raise OSError(
+            f"could not load {what} from {source!r} ({where}): {err}. Pass a directory holding {expected}, "
+            "or a hub id reachable from this machine."
+        ) from err
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`device`, or CUDA when available and CPU otherwise (the metrics' default)."""
     if device is None:

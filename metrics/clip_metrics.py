@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ._common import batch_slices, hf_features, pad_right, resolve_device
+from ._common import batch_slices, hf_features, load_from_source, pad_right, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +69,12 @@ def load_clip(model_id_or_dir: str | Path | ClipBundle, device: str | torch.devi
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     source = str(model_id_or_dir)
-    try:
-        model = CLIPModel.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        where = "local directory" if Path(source).is_dir() else "hub id (and not an existing local directory)"
-        raise OSError(
-            f"could not load CLIP from {source!r} ({where}): {err}. Pass a directory holding a saved "
-            "CLIPModel, its tokenizer and its image processor, or a hub id reachable from this machine."
-        ) from err
+    loaded = load_from_source(
+        {"model": CLIPModel.from_pretrained, "tokenizer": AutoTokenizer.from_pretrained,
+         "image_processor": AutoImageProcessor.from_pretrained},
+        source, "CLIP", "a saved CLIPModel, its tokenizer and its image processor",
+    )
+    model, tokenizer, image_processor = loaded["model"], loaded["tokenizer"], loaded["image_processor"]
     device = resolve_device(device)
     return ClipBundle(model.float().eval().to(device), tokenizer, image_processor, device, source)
 

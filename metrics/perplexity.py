@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._common import batch_slices, pad_right, resolve_device
+from ._common import batch_slices, load_from_source, pad_right, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +62,11 @@ def load_language_model(model_id_or_dir: str | Path | LMBundle, device: str | to
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(model_id_or_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        where = "local directory" if Path(source).is_dir() else "hub id (and not an existing local directory)"
-        raise OSError(
-            f"could not load the perplexity language model from {source!r} ({where}): {err}. Pass a "
-            "directory holding a saved causal LM and tokenizer, or a hub id reachable from this machine."
-        ) from err
+    loaded = load_from_source(
+        {"model": AutoModelForCausalLM.from_pretrained, "tokenizer": AutoTokenizer.from_pretrained},
+        source, "the perplexity language model", "a saved causal LM and its tokenizer",
+    )
+    model, tokenizer = loaded["model"], loaded["tokenizer"]
     if tokenizer.bos_token_id is None:
         raise ValueError(f"the tokenizer of {source!r} has no BOS token; perplexity prepends one to every caption")
     device = resolve_device(device)
