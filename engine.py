@@ -46,7 +46,7 @@ def load_config(path: str | Path, overrides=()) -> dict:
         raise utils.ConfigError(f"{path}: objective: {error}") from None
     choices = {"eval.split": ("val", "test"), "resume": (False, True, "auto"), "train.on_nonfinite": ("stop", "skip"),
                "data.train_bad_images": ("skip", "fail"), "data.eval_bad_images": ("fail", "skip"),
-               "train.schedule": ("cosine_epoch", "cosine_step", "constant")}
+               "train.schedule": ("cosine_epoch", "cosine_step", "constant"), "model.compile": (None, "vision", "full")}
     for key, allowed in choices.items():
         value = utils.get_by_path(config, key)
         if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
@@ -115,7 +115,10 @@ def build_captioner(config: dict, device: torch.device, pretrained: str | None =
     if source and load_weights:
         load_pretrained(captioner, source, cache_dir=Path(model_config["cache_dir"]).expanduser(),
                         strict=model_config["strict_loading"], sha256=model_config["pretrained_sha256"])
-    return captioner.to(device)
+    captioner.to(device)
+    if model_config["compile"]:
+        captioner.compile_parts(model_config["compile"])
+    return captioner
 
 
 class ResumableSampler(DistributedSampler):

@@ -92,3 +92,19 @@ def test_large_preset_cross_attends_from_1024_wide_image_tokens():
     config = build_blip_config(ARCHITECTURES["large"], 384, build_tokenizer(FIXTURES / "vocab.txt"))
     assert config.vision_config.hidden_size == 1024 and config.text_config.encoder_hidden_size == 1024
     assert config.text_config.hidden_size == 768
+
+
+@pytest.mark.parametrize("scope", ["vision", "full"])
+def test_compile_keeps_parameter_names_and_outputs(scope):
+    torch.manual_seed(0)
+    captioner = BlipCaptioner.build("tiny", image_size=32, tokenizer=FIXTURES / "vocab.txt").eval()
+    names = list(captioner.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    input_ids, attention_mask = captioner.tokenize(["a red ball", "two dog on the grass"])
+    with torch.no_grad():
+        eager = captioner(images, input_ids, attention_mask)
+        # aot_eager traces through dynamo and AOTAutograd like inductor does, without needing a C++ compiler.
+        captioner.compile_parts(scope, backend="aot_eager")
+        compiled = captioner(images, input_ids, attention_mask)
+    assert list(captioner.state_dict()) == names
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
