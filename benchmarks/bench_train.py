@@ -12,6 +12,8 @@ interleaved round-robin, so load from other processes on the machine hits every 
   engine does), and the loss computed inside the model (``forward(..., targets=, objective=)``), which for pure
   SMILE never forms the full logits (models/objectives.py ``smile_from_features``);
 * ``sdpa`` and ``smile_head`` (``--paths``): each optimisation alone, on top of the baseline;
+* ``compiled`` / ``compiled_vision``: ``optimised`` under ``torch.compile`` (``model.compile: full | vision``);
+  the compile time falls in the warm-up steps;
 * ``NAME:mle`` runs a path with MLE instead of the ``--objective``, e.g. ``optimised:mle``.
 
 Printed per path: images/s from the fastest step (load from other processes only adds time; the median step is
@@ -72,6 +74,8 @@ PATHS = {
     "sdpa": dict(attention="sdpa", fast=False, fused_loss=False),
     "smile_head": dict(attention="eager", fast=False, fused_loss=True),
     "optimised": dict(attention="sdpa", fast=True, fused_loss=True),
+    "compiled_vision": dict(attention="sdpa", fast=True, fused_loss=True, compile="vision"),
+    "compiled": dict(attention="sdpa", fast=True, fused_loss=True, compile="full"),
 }
 BERT_VOCAB = 30522  # + [DEC] and [ENC] = 30524 ids, as BLIP's decoder
 
@@ -127,6 +131,8 @@ class PathRunner:
         self.device = torch.device(args.device)
         self.fast = self.config["fast"] and self.device.type == "cuda"
         self.captioner = build_captioner(args, self.config["attention"], vocab_file).to(self.device).train()
+        if self.config.get("compile"):
+            self.captioner.compile_parts(self.config["compile"])
         self.objective = CaptionObjective(objective_name or args.objective)
         self.optimizer = torch.optim.AdamW(self.captioner.parameters(), lr=1e-5, weight_decay=0.05, fused=self.fast)
         self.phases = {"data": [], "forward": [], "backward": [], "optimiser": []}
@@ -214,6 +220,48 @@ def path_memory(spec: str, args, vocab_file: Path) -> dict:
             "memory_kind": "peak RSS growth over the steps"}
 
 
+def profile_path(spec: str, args, vocab_file: Path, rows: int = 25) -> None:
+    """Print the ``rows`` most expensive kernels (device time) of two steps of one path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = PathRunner(spec, args, vocab_file)
+    images, captions = synthetic_batch(args)
+    for _ in range(args.warmup):
+        runner.step(images, captions, record=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(2):
+            runner.step(images, captions, record=False)
+    sort_key = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {spec}, two steps:")
+    print(profiler.key_averages().table(sort_by=sort_key, row_limit=rows))
+
+
+def vision_matmul_ceiling(arch, args) -> None:
+    """bf16 (CUDA) / fp32 (CPU) throughput of the ViT's four matmul shapes at this batch and image size.
+
+    A model whose every FLOP ran at these rates would reach this MFU; the ViT's widths (768 for base) keep
+    these GEMMs well below a large square matmul's rate, which bounds what any path of this model can reach.
+    """
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = args.batch * ((args.image_size // arch.patch_size) ** 2 + 1)
+    width, mlp = arch.vision_width, arch.vision_mlp
+    for name, (k, n) in {"qkv": (width, 3 * width), "attn out": (width, width), "fc1": (width, mlp),
+                         "fc2": (mlp, width)}.items():
+        a = torch.randn(rows, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        _sync(device)
+        repeats, start = 20, time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        _sync(device)
+        rate = 2 * rows * k * n * repeats / (time.perf_counter() - start)
+        print(f"  {name:<9} ({rows} x {k}) @ ({k} x {n}): {rate / 1e12:7.1f} TFLOP/s {dtype}")
+
+
 def measured_peak(device: torch.device) -> tuple[float, str]:
     """Achieved matmul FLOP/s (fp32 on CPU, bf16 on CUDA): a practical ceiling for this machine."""
     size = 2048 if device.type == "cpu" else 8192
@@ -258,6 +306,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU, in TFLOP/s")
+    parser.add_argument("--profile", metavar="PATH", default=None,
+                        help="after timing, profile two steps of this path (e.g. optimised) and print its top kernels, "
+                             "and the bf16 throughput of the ViT's own matmul shapes (a ceiling for MFU)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # measure one path's memory, print JSON
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -316,6 +367,12 @@ def main(argv=None):
     for r in results:
         print(f"  {r['path']}: {r['objective']}, attention {r['attention']}, bf16 autocast {r['amp']}, "
               f"fused AdamW {r['fused_adamw']}, loss in model {r['loss_in_model']}, SMILE-aware head {r['smile_head']}")
+
+    if args.profile:
+        print("matmul throughput at the ViT's shapes:")
+        vision_matmul_ceiling(arch, args)
+        with tempfile.TemporaryDirectory() as workdir:
+            profile_path(args.profile, args, synthetic_vocab(Path(workdir)))
 
 
 if __name__ == "__main__":
