@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one go: CUDA tests, the training and generation benchmarks at BLIP-base
+# 384 px, and the toy quickstart under torchrun (nccl, bf16 autocast, fused AdamW). Each part's log goes to
+# LOG_DIR (default runs/gpu_checks); a failing part is reported and the next one still runs.
+#
+#   bash benchmarks/gpu_checks.sh [LOG_DIR]
+#   PARTS="tests generate" bash benchmarks/gpu_checks.sh      # a subset: tests generate train toy
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${1:-runs/gpu_checks}
+PARTS=${PARTS:-tests generate train toy}
+PYTHON=${PYTHON:-python}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$LOG_DIR"
+status=0
+
+run_part() {  # name, command...
+  local name=$1; shift
+  [[ " $PARTS " == *" $name "* ]] || return 0
+  echo "=== $name: $*"
+  local start=$SECONDS
+  "$@" 2>&1 | tee "$LOG_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  [[ $rc -eq 0 ]] || status=1
+}
+
+nvidia-smi -L || true
+"$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
+              "cuda", torch.cuda.is_available())'
+
+run_part tests "$PYTHON" -m pytest -q -rs tests/test_attention.py tests/test_lm_head.py tests/test_captioner.py \
+  tests/test_metrics_suite.py
+run_part generate bash -c "'$PYTHON' benchmarks/bench_generate.py --preset base --image-size 384 --batch 64 \
+  --repeats 2 && '$PYTHON' benchmarks/bench_generate.py --preset base --image-size 384 --batch 256 \
+  --implementations sdpa --repeats 1 --total-images 5000"
+run_part train "$PYTHON" benchmarks/bench_train.py --preset base --image-size 384 --batch 32 \
+  --paths baseline,optimised,optimised:mle,compiled
+run_part toy env PYTHON="$PYTHON" bash scripts/train.sh configs/toy/smile.yaml output_dir=runs/gpu_checks_toy \
+  --overwrite
+exit $status
