@@ -21,8 +21,8 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from models.preprocessing import CLIP_MEAN, CLIP_STD, eval_transform
+from models.preprocessing import check_image_size as _check_image_size
 
 # BLIP's `RandomAugment(2, 5, isPIL=True, augs=[...])` op list for captioning, in BLIP's order.
 BLIP_RANDAUGMENT_OPS = (
@@ -122,11 +122,6 @@ class BlipRandAugment:
         return f"BlipRandAugment({self.rand_augment!r})"
 
 
-def _check_image_size(image_size: int) -> None:
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-
-
 def build_train_transform(
     image_size: int,
     min_scale: float = 0.5,
@@ -167,13 +162,6 @@ def build_eval_transform(image_size: int) -> transforms.Compose:
     """BLIP's evaluation transform: RGB PIL image -> (3, image_size, image_size) float32.
 
     Resize to a square (aspect ratio is not kept, as in BLIP) with bicubic interpolation, then
-    ToTensor and Normalize(CLIP mean/std).
+    ToTensor and Normalize(CLIP mean/std); defined in ``models.preprocessing``, which the Python API shares.
     """
-    _check_image_size(image_size)
-    return transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
+    return eval_transform(image_size)

@@ -260,7 +260,7 @@ def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     return model, others, json.loads(header.get("metadata", "{}"))
 
 
-def _is_own_checkpoint(path: Path) -> bool:
+def is_own_checkpoint(path: Path) -> bool:
     from safetensors import safe_open
 
     try:
@@ -279,7 +279,7 @@ def read_state_dict(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DI
     path = Path(source)
     if path.is_file():
         if path.suffix == ".safetensors":
-            if _is_own_checkpoint(path):
+            if is_own_checkpoint(path):
                 return load_checkpoint_file(path)[0]
             from safetensors.torch import load_file
 
@@ -321,6 +321,8 @@ def save_transformers_directory(captioner, output_dir: str | Path) -> Path:
 
     from transformers import BlipImageProcessor, BlipProcessor
 
+    from .preprocessing import CLIP_MEAN, CLIP_STD
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     captioner.model.save_pretrained(output_dir)
@@ -328,8 +330,8 @@ def save_transformers_directory(captioner, output_dir: str | Path) -> Path:
     image_processor = BlipImageProcessor(
         size={"height": size, "width": size},
         resample=3,  # PIL bicubic, as BLIP's eval transform
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
     )
     BlipProcessor(image_processor=image_processor, tokenizer=captioner.tokenizer).save_pretrained(output_dir)
     extras = {"prompt": captioner.prompt, "max_text_length": captioner.max_text_length}

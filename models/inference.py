@@ -1,0 +1,210 @@
+"""Caption images from Python in two lines, with any checkpoint this repository can load::
+
+    from models import Captioner
+    captions = Captioner.from_pretrained("runs/coco/smile/checkpoint_best.safetensors").caption(paths, num_beams=3)
+
+``Captioner`` wraps a ``BlipCaptioner`` with BLIP's evaluation preprocessing (``models.preprocessing``), batching,
+the device (CUDA when there is one) and bf16 autocast on CUDA, so that for the same checkpoint and settings its
+captions equal what ``eval_caption.py`` writes. Generation settings default to the checkpoint's own ``eval``
+section when it carries one (this repository's training checkpoints do), else to ``DEFAULT_GENERATION``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .attention import set_attention
+from .captioner import DEFAULT_PROMPT, DEFAULT_TOKENIZER, BlipCaptioner, build_tokenizer
+from .checkpoint import (
+    DEFAULT_CACHE_DIR,
+    CheckpointError,
+    is_own_checkpoint,
+    apply_state_dict,
+    load_checkpoint_file,
+    load_pretrained,
+)
+from .preprocessing import eval_transform
+
+logger = logging.getLogger(__name__)
+
+# configs/default.yaml's eval section (the SMILE paper's decoding): beam 3, up to 75 tokens with the prompt.
+DEFAULT_GENERATION = {"sample": False, "num_beams": 3, "max_length": 75, "min_length": 1, "top_p": 0.9,
+                      "repetition_penalty": 1.0}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ImageInput = Image.Image | str | Path
+
+
+class Captioner:
+    """A captioner ready for inference: ``caption(images) -> captions``.
+
+    Args:
+        model: the ``BlipCaptioner`` (weights loaded).
+        device: where to run; default CUDA if available, else CPU.
+        generation: default decoding options (keys of ``DEFAULT_GENERATION``); ``caption`` can override each.
+        amp: bf16 autocast; default on for CUDA, off on CPU (as ``eval_caption.py``).
+    """
+
+    def __init__(self, model: BlipCaptioner, device: str | torch.device | None = None,
+                 generation: dict | None = None, amp: bool | None = None):
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.generation = {**DEFAULT_GENERATION, **(generation or {})}
+        self.amp = self.device.type == "cuda" if amp is None else amp
+        self.transform = eval_transform(model.image_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        device: str | torch.device | None = None,
+        *,
+        arch: str = "base",
+        image_size: int = 384,
+        tokenizer: str | Path | None = None,
+        prompt: str | None = None,
+        attention: str = "sdpa",
+        cache_dir: str | Path = DEFAULT_CACHE_DIR,
+        sha256: str | None = None,
+        amp: bool | None = None,
+    ) -> "Captioner":
+        """Load ``source``, which may be:
+
+        * a training checkpoint of this repository (``checkpoint_*.safetensors``): it carries its config, so the
+          architecture, image size, tokenizer, prompt and the eval section's decoding come from there;
+        * a transformers directory (``scripts/export_hf.py`` writes one) or a hub id: the model's own config,
+          tokenizer and, when present, ``smile_blip.json`` (prompt);
+        * an original BLIP/SMILE ``.pth`` (path or URL): give ``arch`` and ``image_size`` (default base, 384).
+
+        ``tokenizer`` and ``prompt`` override what the source says (e.g. a checkpoint trained on another machine
+        whose vocab path does not exist here). ``attention``: "sdpa" or "eager".
+        """
+        source_text = str(source)
+        path = Path(source_text).expanduser()
+        generation = None
+        if path.is_file() and is_own_checkpoint(path):
+            model, generation = _from_training_checkpoint(path, tokenizer, prompt, attention)
+        elif path.is_dir() or _looks_like_hub_id(source_text):
+            if path.is_dir() and not (path / "config.json").exists():
+                raise CheckpointError(f"{path} is a directory without config.json: not a transformers model directory")
+            model = _from_transformers(source_text, tokenizer, prompt, attention)
+        elif path.is_file() or source_text.startswith(("http://", "https://")):
+            model = BlipCaptioner.build(arch, image_size=image_size, tokenizer=tokenizer or DEFAULT_TOKENIZER,
+                                        prompt=DEFAULT_PROMPT if prompt is None else prompt, attention=attention)
+            load_pretrained(model, source_text, cache_dir=Path(cache_dir).expanduser(), sha256=sha256)
+        else:
+            raise CheckpointError(f"{source_text}: no such file or directory, and not a hub id (owner/name) or URL")
+        return cls(model, device=device, generation=generation, amp=amp)
+
+    @staticmethod
+    def load_image(path: str | Path) -> Image.Image:
+        """The RGB image at ``path``; a missing or undecodable file raises ``ValueError`` naming it."""
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except FileNotFoundError:
+            raise ValueError(f"image not found: {path}") from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+            raise ValueError(f"not a readable image: {path} ({error})") from None
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """(B, 3, S, S) pixel values on the device for PIL images and/or paths."""
+        tensors = []
+        for image in images:
+            if isinstance(image, (str, Path)):
+                image = self.load_image(image)
+            elif not isinstance(image, Image.Image):
+                raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
+            tensors.append(self.transform(image.convert("RGB")))
+        return torch.stack(tensors).to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def caption(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 16, **options) -> str | list[str]:
+        """Captions for one image (-> str) or several (-> list[str], in order), ``batch_size`` at a time.
+
+        ``options`` override the decoding defaults (``self.generation``): ``num_beams``, ``max_length`` and
+        ``min_length`` (tokens, prompt included, as BLIP), ``sample`` (nucleus sampling with ``top_p``; seed
+        with ``torch.manual_seed`` for repeatable samples), ``repetition_penalty``.
+        """
+        unknown = set(options) - set(DEFAULT_GENERATION)
+        if unknown:
+            raise TypeError(f"unknown caption option(s) {sorted(unknown)}; valid: {sorted(DEFAULT_GENERATION)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        single = isinstance(images, (str, Path, Image.Image))
+        items = [images] if single else list(images)
+        settings = {**self.generation, **options}
+        captions: list[str] = []
+        for start in range(0, len(items), batch_size):
+            pixel_values = self.preprocess(items[start : start + batch_size])
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+            with autocast:
+                captions += self.model.generate(pixel_values, **settings)
+        return captions[0] if single else captions
+
+    def __repr__(self) -> str:
+        return f"Captioner(image_size={self.image_size}, device={self.device}, generation={self.generation})"
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` that is not a local path: no file suffix, not absolute or relative-dotted, one slash."""
+    return (source.count("/") == 1 and not source.startswith((".", "/", "~", "http:", "https:"))
+            and not Path(source).suffix and not Path(source).exists())
+
+
+def _resolve_tokenizer(value: str, checkpoint: Path) -> str:
+    """A checkpoint config's tokenizer: an existing path, a path relative to the repository root, or a hub id."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return value
+    if not path.is_absolute() and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
+    if path.is_absolute() or path.suffix or value.startswith((".", "~")) or value.count("/") > 1:
+        raise CheckpointError(f"{checkpoint}: its config's model.tokenizer {value!r} does not exist here; pass "
+                              "tokenizer= (the vocab.txt or tokenizer directory the model was trained with)")
+    return value  # a hub id such as bert-base-uncased
+
+
+def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple[BlipCaptioner, dict]:
+    state_dict, _, metadata = load_checkpoint_file(path)
+    config = metadata.get("config") or {}
+    model_config = config.get("model")
+    if not model_config:
+        raise CheckpointError(f"{path} carries no config (model section); load it with BlipCaptioner.build and "
+                              "models.load_pretrained, giving the architecture yourself")
+    captioner = BlipCaptioner.build(
+        model_config["arch"],
+        image_size=model_config["image_size"],
+        tokenizer=tokenizer or _resolve_tokenizer(str(model_config["tokenizer"] or DEFAULT_TOKENIZER), path),
+        prompt=model_config["prompt"] if prompt is None else prompt,
+        max_text_length=model_config["max_text_length"],
+        attention=attention,
+    )
+    logger.info(apply_state_dict(captioner.model, state_dict, source=str(path), strict=True).summary())
+    eval_config = config.get("eval") or {}
+    return captioner, {key: eval_config[key] for key in DEFAULT_GENERATION if key in eval_config}
+
+
+def _from_transformers(source: str, tokenizer, prompt, attention) -> BlipCaptioner:
+    from transformers import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(source)
+    set_attention(model, attention)
+    extras_file = Path(source) / "smile_blip.json"
+    extras = json.loads(extras_file.read_text()) if extras_file.is_file() else {}
+    return BlipCaptioner(
+        model,
+        build_tokenizer(tokenizer or source),
+        prompt=extras.get("prompt", DEFAULT_PROMPT) if prompt is None else prompt,
+        max_text_length=extras.get("max_text_length", 40),
+    )
