@@ -1,0 +1,190 @@
+"""Training-data throughput on the CPU: images/s per core of BLIP's train transform, stage by stage, and of
+the DataLoader as the engine builds it, against the rate a GPU consumes.
+
+    python benchmarks/bench_loader.py                                  # COCO-sized JPEGs, 384 px
+    python benchmarks/bench_loader.py --workers 1,2 --gpu-rate 473     # images/s one H100 trains at (README)
+
+Images: ``--images`` synthetic JPEGs of ``--source-size`` (default 640x480, COCO's most common size, quality
+90), smooth colour fields with noise so that JPEG decoding does real work.
+
+Printed, with the machine:
+
+* per stage, one process and one thread (= one core): JPEG decode to RGB (PIL), RandomResizedCrop to
+  ``--image-size`` (bicubic, scale 0.5-1), horizontal flip, BLIP's RandAugment(2, 5) (timm's ops), ToTensor
+  and Normalize; the train transform as a whole, and the eval transform for comparison. Each stage's
+  milliseconds per image and images/s per core; the stage order and arguments are BLIP's caption fine-tuning
+  pipeline (data/transforms.py), which is what the original code ran per image, so the per-core figure is
+  also that of BLIP's loader (BLIP's own cv2 RandAugment is not a dependency here and is not run);
+* the DataLoader of ``engine._loader`` (``CaptionTrainDataset``, batch 32, pinned memory when CUDA is present,
+  persistent workers, prefetch) for each ``--workers`` count: images/s, per worker, and the cores needed to
+  keep up with ``--gpu-rate``;
+* reduced-size JPEG decoding (``Image.draft``): the largest DCT scale that still leaves enough pixels for an
+  exact crop at the smallest scale and most extreme aspect ratio, and the decode time it would save.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_train import machine_description  # noqa: E402
+
+from data import CaptionTrainDataset, build_eval_transform, caption_collate  # noqa: E402
+from data.transforms import BlipRandAugment  # noqa: E402
+from models.preprocessing import CLIP_MEAN, CLIP_STD  # noqa: E402
+
+
+def make_jpegs(directory: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
+    """``count`` JPEGs of ``size`` (width, height): low-frequency colour fields plus noise, quality 90."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    names = []
+    for index in range(count):
+        coarse = rng.integers(0, 256, (height // 40 + 2, width // 40 + 2, 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+        pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+        name = f"img_{index:04d}.jpg"
+        Image.fromarray(pixels).save(directory / name, quality=90)
+        names.append(name)
+    return names
+
+
+def time_per_image(function, inputs, repeats: int) -> float:
+    """Median over ``repeats`` passes of the mean seconds per input."""
+    passes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in inputs:
+            function(item)
+        passes.append((time.perf_counter() - start) / len(inputs))
+    return statistics.median(passes)
+
+
+def decode(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def stage_table(paths: list[Path], image_size: int, min_scale: float, repeats: int) -> list[tuple[str, float]]:
+    """Seconds per image of each train-transform stage, each fed the previous stage's outputs."""
+    torch.manual_seed(0)
+    crop = transforms.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC)
+    flip = transforms.RandomHorizontalFlip()
+    augment = BlipRandAugment()
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    train = transforms.Compose([crop, flip, augment, to_tensor])
+    decoded = [decode(p) for p in paths]
+    cropped = [crop(image) for image in decoded]
+    rows = [("decode JPEG -> RGB", time_per_image(decode, paths, repeats)),
+            ("RandomResizedCrop (bicubic)", time_per_image(crop, decoded, repeats)),
+            ("horizontal flip", time_per_image(flip, cropped, repeats)),
+            ("RandAugment(2, 5)", time_per_image(augment, cropped, repeats)),
+            ("ToTensor + Normalize", time_per_image(to_tensor, cropped, repeats))]
+    rows.append(("train transform (decode + all)", time_per_image(lambda p: train(decode(p)), paths, repeats)))
+    evaluation = build_eval_transform(image_size)
+    rows.append(("eval transform (decode + resize)", time_per_image(lambda p: evaluation(decode(p)), paths, repeats)))
+    return rows
+
+
+def loader_rate(root: Path, annotation: Path, image_size: int, workers: int, batches: int) -> float:
+    """Images/s of the engine's training DataLoader with ``workers`` processes (after one warm-up batch)."""
+    import engine
+    from data import build_train_transform
+
+    dataset = CaptionTrainDataset(annotation, root, build_train_transform(image_size))
+    config = {"data": {"num_workers": workers}, "train": {"batch_size": 32}, "seed": 0}
+    loader, _ = engine._loader(dataset, 32, True, caption_collate, config, seed=0)
+    iterator = iter(loader)
+    next(iterator)
+    start, seen = time.perf_counter(), 0
+    for _ in range(batches):
+        images, *_ = next(iterator)
+        seen += len(images)
+    return seen / (time.perf_counter() - start)
+
+
+def draft_report(path: Path, image_size: int, min_scale: float, repeats: int) -> str:
+    """Whether reduced-size decoding could stay exact for this source size, and what it would save."""
+    with Image.open(path) as image:
+        width, height = image.size
+    # RandomResizedCrop's smallest crop: area min_scale * W * H with aspect ratio 3/4 or 4/3; its short side must
+    # still cover image_size output pixels for a downscaled decode to lose nothing.
+    short_side = math.sqrt(min_scale * width * height * 3 / 4)
+    scale = 1
+    while short_side / (scale * 2) >= image_size and scale < 8:
+        scale *= 2
+    full = time_per_image(decode, [path] * 8, repeats)
+
+    def drafted(p):
+        with Image.open(p) as image:
+            image.draft("RGB", (width // 2, height // 2))
+            return image.convert("RGB")
+
+    half = time_per_image(drafted, [path] * 8, repeats)
+    verdict = (f"exact draft scale 1/{scale}" if scale > 1 else
+               "no exact draft scale: the smallest crop's short side is "
+               f"{short_side:.0f} px, under 2 x {image_size}")
+    return (f"{width}x{height} source, {image_size} px crops at scale >= {min_scale}: {verdict}; decoding at 1/2 "
+            f"would take {half * 1e3:.2f} ms instead of {full * 1e3:.2f} ms ({full / half:.2f}x)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--source-size", default="640x480", help="WIDTHxHEIGHT of the synthetic JPEGs")
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--min-scale", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", default="1,2", help="comma-separated DataLoader worker counts")
+    parser.add_argument("--batches", type=int, default=6,
+                        help="timed batches of 32 per worker count (at most 5 x --images / 32 - 1)")
+    parser.add_argument("--gpu-rate", type=float, default=473.0,
+                        help="images/s the GPU trains at (default: BLIP-base 384 px, compiled, one H100; README)")
+    args = parser.parse_args(argv)
+    source_size = tuple(int(v) for v in args.source_size.lower().split("x"))
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        root = Path(workdir)
+        names = make_jpegs(root, args.images, source_size)
+        paths = [root / name for name in names]
+        annotation = root / "train.json"  # five captions per image, as COCO: five samples per image per epoch
+        annotation.write_text(json.dumps([{"image": n, "caption": [f"a synthetic picture number {k}" for k in range(5)]}
+                                          for n in names]))
+        rows = stage_table(paths, args.image_size, args.min_scale, args.repeats)
+        loader_rows = [(int(w), loader_rate(root, annotation, args.image_size, int(w), args.batches))
+                       for w in args.workers.split(",")]
+        draft = draft_report(paths[0], args.image_size, args.min_scale, args.repeats)
+
+    print(f"machine: {machine_description(torch.device('cpu'))}")
+    print(f"images: {args.images} synthetic {args.source_size} JPEGs (quality 90) -> {args.image_size} px; "
+          f"median of {args.repeats} passes; one thread")
+    print(f"{'stage':<34} {'ms/image':>9} {'images/s/core':>14}")
+    for name, seconds in rows:
+        print(f"{name:<34} {seconds * 1e3:9.2f} {1 / seconds:14.1f}")
+    per_core = 1 / dict(rows)["train transform (decode + all)"]
+    print(f"cores to feed {args.gpu_rate:.0f} images/s at the per-core rate: {math.ceil(args.gpu_rate / per_core)}")
+    print(f"{'DataLoader workers':<34} {'images/s':>9} {'per worker':>14}")
+    for workers, rate in loader_rows:
+        print(f"{workers:<34} {rate:9.1f} {rate / workers:14.1f}")
+    print(f"reduced-size decoding: {draft}")
+    print(f"(os.cpu_count() = {os.cpu_count()}; DataLoader rates with more workers than free cores are CPU-bound)")
+
+
+if __name__ == "__main__":
+    main()
