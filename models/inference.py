@@ -48,7 +48,8 @@ class Captioner:
         model: the ``BlipCaptioner`` (weights loaded).
         device: where to run; default CUDA if available, else CPU.
         generation: default decoding options (keys of ``DEFAULT_GENERATION``); ``caption`` can override each.
-        amp: bf16 autocast; default on for CUDA, off on CPU (as ``eval_caption.py``).
+        amp: bf16 autocast on CUDA (never on CPU); default on, or the run's ``train.amp`` for a training
+            checkpoint, as ``eval_caption.py`` does.
     """
 
     def __init__(self, model: BlipCaptioner, device: str | torch.device | None = None,
@@ -56,7 +57,7 @@ class Captioner:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.generation = {**DEFAULT_GENERATION, **(generation or {})}
-        self.amp = self.device.type == "cuda" if amp is None else amp
+        self.amp = self.device.type == "cuda" and (amp is None or bool(amp))
         self.transform = eval_transform(model.image_size)
 
     @property
@@ -93,7 +94,8 @@ class Captioner:
         path = Path(source_text).expanduser()
         generation = None
         if path.is_file() and is_own_checkpoint(path):
-            model, generation = _from_training_checkpoint(path, tokenizer, prompt, attention)
+            model, generation, trained_amp = _from_training_checkpoint(path, tokenizer, prompt, attention)
+            amp = trained_amp if amp is None else amp
         elif path.is_dir() or _looks_like_hub_id(source_text):
             if path.is_dir() and not (path / "config.json").exists():
                 raise CheckpointError(f"{path} is a directory without config.json: not a transformers model directory")
@@ -175,7 +177,8 @@ def _resolve_tokenizer(value: str, checkpoint: Path) -> str:
     return value  # a hub id such as bert-base-uncased
 
 
-def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple[BlipCaptioner, dict]:
+def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple[BlipCaptioner, dict, bool | None]:
+    """(captioner, the eval section's decoding options, train.amp) from a checkpoint that carries its config."""
     state_dict, _, metadata = load_checkpoint_file(path)
     config = metadata.get("config") or {}
     model_config = config.get("model")
@@ -192,7 +195,9 @@ def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple
     )
     logger.info(apply_state_dict(captioner.model, state_dict, source=str(path), strict=True).summary())
     eval_config = config.get("eval") or {}
-    return captioner, {key: eval_config[key] for key in DEFAULT_GENERATION if key in eval_config}
+    generation = {key: eval_config[key] for key in DEFAULT_GENERATION if key in eval_config}
+    # eval_caption.py generates under bf16 autocast on CUDA exactly when the run's train.amp is on.
+    return captioner, generation, (config.get("train") or {}).get("amp")
 
 
 def _from_transformers(source: str, tokenizer, prompt, attention) -> BlipCaptioner:
