@@ -20,16 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Before gradio is imported anywhere: gradio reads this at import time, and with it unset it reports usage and
-# checks for updates over the network.
+# Before gradio is imported anywhere (it reads this on import): unset, gradio sends usage analytics and checks
+# PyPI for a newer version, network calls an offline demo must not make.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+import torch
+from PIL import Image, UnidentifiedImageError
 
-from metrics.text_stats import caption_lengths  # noqa: E402
-from models import Captioner  # noqa: E402
-from models.inference import DEFAULT_GENERATION  # noqa: E402
+from metrics.text_stats import caption_lengths
+from models import Captioner
+from models.inference import DEFAULT_GENERATION
 
 BEAM_SEARCH = "beam search"
 NUCLEUS_SAMPLING = "nucleus sampling"
@@ -42,6 +42,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial",
                 "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace")
+# Fit the preview to its box: a small image (the toy set's are 64 px) would otherwise show as a thumbnail.
+CSS = "#preview img { width: 100%; height: 100%; object-fit: contain; }"
 
 
 class InputError(ValueError):
@@ -106,9 +108,9 @@ class DecodingSettings:
 
     def caption_options(self) -> dict:
         """Keyword arguments for ``Captioner.caption``."""
-        return dict(sample=self.method == NUCLEUS_SAMPLING, num_beams=int(self.num_beams), top_p=float(self.top_p),
-                    max_length=int(self.max_length), min_length=int(self.min_length),
-                    repetition_penalty=float(self.repetition_penalty))
+        return {"sample": self.method == NUCLEUS_SAMPLING, "num_beams": int(self.num_beams),
+                "top_p": float(self.top_p), "max_length": int(self.max_length), "min_length": int(self.min_length),
+                "repetition_penalty": float(self.repetition_penalty)}
 
 
 def default_settings(captioners: dict[str, Captioner]) -> DecodingSettings:
@@ -283,7 +285,7 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = 7860, max_upload_mb
 
     theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(SYSTEM_MONO_FONTS))
     return demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=prevent_thread_lock,
-                       max_file_size=int(max_upload_mb * 2**20), theme=theme, ssr_mode=False, quiet=quiet,
+                       max_file_size=int(max_upload_mb * 2**20), theme=theme, css=CSS, ssr_mode=False, quiet=quiet,
                        footer_links=[])
 
 

@@ -70,3 +70,44 @@ def headless_chromium(user_data_dir: str | Path, width: int = 1280, height: int 
         driver.quit()
         raise
     return driver
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it), so parallel runs never collide on a fixed one."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def upload_file(driver, path: str | Path, timeout: float = 60) -> None:
+    """Put ``path`` into the demo's file input (hidden by Gradio; selenium can still type a path into it)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    selector = "#upload input[type=file]"
+    WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, selector))
+    driver.find_element(By.CSS_SELECTOR, selector).send_keys(str(path))
+
+
+def caption_upload(driver, path: str | Path, models: int, timeout: float = 60) -> list[str]:
+    """Upload an image, wait for its preview, press Caption and wait for every model's word count; returns the
+    captions as the page shows them, in column order."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, timeout)
+    upload_file(driver, path, timeout)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))  # accepted and shown
+    driver.find_element(By.ID, "caption-button").click()
+    wait.until(lambda d: all(d.find_element(By.ID, f"length-{index}").text.strip() for index in range(models)))
+    return [driver.find_element(By.CSS_SELECTOR, f"#caption-{index} textarea").get_attribute("value")
+            for index in range(models)]
+
+
+def exit_without_browser() -> None:
+    """For scripts: stop with the reason when the browser stack is missing."""
+    reason = browser_unavailable()
+    if reason is not None:
+        raise SystemExit(f"needs headless Chromium: {reason}")

@@ -2,7 +2,6 @@
 
 Two tiny random models (different seeds, so their gibberish differs) stand in for MLE and SMILE.
 """
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -10,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from browser import require_browser
 from PIL import Image
 
 import demo
-from browser import require_browser
 from metrics.text_stats import caption_length
 from models import BlipCaptioner, Captioner
 from models.checkpoint import save_transformers_directory
@@ -21,6 +20,9 @@ from models.checkpoint import save_transformers_directory
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
+# Beam search over the repository's defaults, with captions cut at 20 tokens: random weights never emit [SEP], so
+# every caption runs to max_length, and 64 tokens (the tiny decoder's limit) only makes the tests slower.
+SETTINGS = demo.DecodingSettings(max_length=20)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,7 @@ def test_bad_settings_are_refused():
 
 def test_captions_and_word_counts_for_both_models(captioners, tmp_path):
     image = demo.validate_upload(make_png(tmp_path / "a.png"), max_bytes=MB)
-    settings = demo.default_settings(captioners)
+    settings = SETTINGS
     results = demo.caption_with_all(captioners, image, settings)
     assert list(results) == ["SMILE", "MLE"]
     for name, (caption, words) in results.items():
@@ -170,6 +172,16 @@ def test_command_line_defaults_and_names(tmp_path, capsys):
     assert "127.0.0.1" in " ".join(capsys.readouterr().out.split())
 
 
+def test_main_loads_both_checkpoints_and_serves_locally(model_dirs, monkeypatch):
+    pytest.importorskip("gradio")
+    served = {}
+    monkeypatch.setattr(demo, "launch", lambda app, **options: served.update(app=app, **options))
+    assert demo.main(["--checkpoint", str(model_dirs[0]), "--checkpoint", str(model_dirs[1]), "--device", "cpu"]) == 0
+    assert served["host"] == "127.0.0.1" and served["port"] == 7860 and served["max_upload_mb"] == 10
+    labels = [block.label for block in served["app"].blocks.values() if block.elem_id in ("caption-0", "caption-1")]
+    assert labels == ["smile", "mle"]  # named after their folders
+
+
 def test_launch_is_local_private_and_offline():
     pytest.importorskip("gradio")
 
@@ -201,51 +213,33 @@ def test_missing_browser_skips_here_and_fails_in_ci(monkeypatch):
         browser.require_browser()
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_browser_upload_caption_and_rejection(captioners, tmp_path, monkeypatch):
     require_browser()
+    from browser import caption_upload, free_port, headless_chromium, upload_file
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from browser import headless_chromium
-
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads land here, not in /tmp/gradio
     image_path = make_png(tmp_path / "shapes.png")
-    settings = demo.default_settings(captioners)
-    expected = {name: captioner.caption(str(image_path), **settings.caption_options())
+    expected = {name: captioner.caption(str(image_path), **SETTINGS.caption_options())
                 for name, captioner in captioners.items()}
     not_image = tmp_path / "notes.png"
     not_image.write_text("this is text, not a picture\n")
 
-    app = demo.build_demo(captioners)
+    app = demo.build_demo(captioners, defaults=SETTINGS)  # the page's controls start at SETTINGS
     port = free_port()
     demo.launch(app, port=port, prevent_thread_lock=True)
     driver = None
     try:
         driver = headless_chromium(tmp_path / "chromium-profile")
-        wait = WebDriverWait(driver, 60)
 
         def text_of(css):
             return driver.find_element(By.CSS_SELECTOR, css).text.strip()
 
-        def upload(path):
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"))
-            driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(path))
-
         driver.get(f"http://127.0.0.1:{port}/")
-        upload(image_path)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))  # validated and previewed
-        driver.find_element(By.ID, "caption-button").click()
-        wait.until(lambda d: all(text_of(f"#length-{index}") for index in range(len(captioners))))
-
+        shown = caption_upload(driver, image_path, models=len(captioners), timeout=60)
+        assert shown == list(expected.values())
         for index, (name, caption) in enumerate(expected.items()):
-            box = driver.find_element(By.CSS_SELECTOR, f"#caption-{index} textarea")
-            assert box.get_attribute("value") == caption, name
             assert text_of(f"#caption-{index}").startswith(name)  # the column's label
             assert text_of(f"#length-{index}") == f"{caption_length([caption]):.0f} words"
         assert text_of("#status") == ""
@@ -255,8 +249,8 @@ def test_browser_upload_caption_and_rejection(captioners, tmp_path, monkeypatch)
         assert loaded and all(url.startswith(f"http://127.0.0.1:{port}/") for url in loaded), loaded
 
         driver.find_element(By.CSS_SELECTOR, "#upload button[aria-label=Clear]").click()
-        upload(not_image)
-        wait.until(lambda d: "not a readable image" in text_of("#status"))
+        upload_file(driver, not_image)
+        WebDriverWait(driver, 60).until(lambda d: "not a readable image" in text_of("#status"))
         status = driver.find_element(By.ID, "status")
         assert status.is_displayed() and "notes.png" in status.text
         assert not driver.find_elements(By.CSS_SELECTOR, "#preview img")
