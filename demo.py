@@ -116,7 +116,7 @@ class DecodingSettings:
 def default_settings(captioners: dict[str, Captioner]) -> DecodingSettings:
     """The checkpoints' own decoding (their config's eval section) when they agree, else the repository's
     (configs/default.yaml's eval section), with the lengths cut to what every model can generate."""
-    generations = [getattr(captioner, "generation", DEFAULT_GENERATION) for captioner in captioners.values()]
+    generations = [captioner.generation for captioner in captioners.values()]
     chosen = generations[0] if all(g == generations[0] for g in generations) else DEFAULT_GENERATION
     chosen = {**DEFAULT_GENERATION, **chosen}
     longest = length_limit(captioners)
@@ -129,13 +129,7 @@ def default_settings(captioners: dict[str, Captioner]) -> DecodingSettings:
 
 def length_limit(captioners: dict[str, Captioner], cap: int = 150) -> int:
     """The largest max length every model can generate: past its position embeddings a decoder fails."""
-    limits = [cap]
-    for captioner in captioners.values():
-        config = getattr(getattr(captioner.model, "model", None), "config", None)
-        positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
-        if positions:
-            limits.append(int(positions))
-    return min(limits)
+    return min([cap, *(captioner.max_positions for captioner in captioners.values())])
 
 
 def word_count(caption: str) -> int:
@@ -161,7 +155,7 @@ def caption_with_all(captioners: dict[str, Captioner], image: Image.Image,
     results = {}
     with _GENERATION_LOCK:
         for name, captioner in captioners.items():
-            device = getattr(captioner, "device", torch.device("cpu"))
+            device = captioner.device
             cuda_devices = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda_devices):
                 torch.manual_seed(int(settings.seed))

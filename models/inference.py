@@ -57,12 +57,19 @@ class Captioner:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.generation = {**DEFAULT_GENERATION, **(generation or {})}
+        # The library default (75) can exceed a small model's text positions (the tiny preset has 64).
+        self.generation["max_length"] = min(self.generation["max_length"], self.max_positions)
         self.amp = self.device.type == "cuda" and (amp is None or bool(amp))
         self.transform = eval_transform(model.image_size)
 
     @property
     def image_size(self) -> int:
         return self.model.image_size
+
+    @property
+    def max_positions(self) -> int:
+        """The decoder's position limit: the largest ``max_length`` (prompt included) it can generate."""
+        return self.model.model.config.text_config.max_position_embeddings
 
     @classmethod
     def from_pretrained(
@@ -146,6 +153,9 @@ class Captioner:
         single = isinstance(images, (str, Path, Image.Image))
         items = [images] if single else list(images)
         settings = {**self.generation, **options}
+        if settings["max_length"] > self.max_positions:
+            raise ValueError(f"max_length {settings['max_length']} exceeds this model's {self.max_positions} text "
+                             "positions (prompt included)")
         captions: list[str] = []
         for start in range(0, len(items), batch_size):
             pixel_values = self.preprocess(items[start : start + batch_size])

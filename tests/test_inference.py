@@ -67,6 +67,8 @@ def test_bad_input_is_named(toy_checkpoint, tmp_path):
         api.caption(not_an_image)
     with pytest.raises(ValueError, match="image not found: .*missing.jpg"):
         api.caption(tmp_path / "missing.jpg")
+    with pytest.raises(ValueError, match="max_length 500 exceeds this model's 64 text positions"):
+        api.caption(Image.new("RGB", (8, 8)), max_length=500)
     with pytest.raises(TypeError, match="num_beam"):
         api.caption(Image.new("RGB", (8, 8)), num_beam=2)
     with pytest.raises(CheckpointError, match="no such file"):
