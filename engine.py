@@ -506,7 +506,8 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
 def run_evaluation(config: dict, checkpoint: str | None = None, split: str | None = None) -> dict:
     """Generate and score ``split`` (default ``eval.split``) with ``checkpoint`` (default ``model.pretrained``).
 
-    Writes ``eval_<split>_results.json`` and ``eval_<split>_metrics.json`` into ``output_dir``.
+    Writes ``eval_<split>_results.json``, ``eval_<split>_metrics.json`` and ``eval_<split>_caption_lengths.png``
+    into ``output_dir``.
     """
     device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
     split = split or config["eval"]["split"]
@@ -518,7 +519,8 @@ def run_evaluation(config: dict, checkpoint: str | None = None, split: str | Non
 
 def evaluate_split(captioner: BlipCaptioner, config: dict, split: str, device: torch.device, output_dir: Path,
                    name: str) -> dict:
-    """Generate on ``split``, score ``eval.metrics``; writes ``<name>_results.json`` and ``<name>_metrics.json``."""
+    """Generate on ``split``, score ``eval.metrics``; writes ``<name>_results.json``, ``<name>_metrics.json`` and
+    a histogram of the caption lengths, ``<name>_caption_lengths.png`` (a plot that fails is only a warning)."""
     loader, gt = build_eval_loader(config, split, captioner.image_size)
     results = generate_captions(captioner, loader, config, device)
     if utils.is_main():
@@ -526,6 +528,10 @@ def evaluate_split(captioner: BlipCaptioner, config: dict, split: str, device: t
     metrics = score(results, gt, config, config["eval"]["metrics"], images_root=config["data"]["image_root"])
     if utils.is_main():
         utils.write_json(output_dir / f"{name}_metrics.json", metrics)
+        from metrics.plots import plot_caption_lengths_or_warn
+
+        plot_caption_lengths_or_warn(results, output_dir / f"{name}_caption_lengths.png", run=output_dir.name,
+                                     title=f"Caption length, {split} split")
     logger.info("%s: %s", name, _format_metrics(metrics))
     return metrics
 

@@ -7,10 +7,15 @@
     # score captions from any system, no captioning model involved
     python eval_caption.py --results RESULTS.json --annotations GT_COCO.json [--images-root DIR] \\
         [--metrics coco,length,diversity,retrieval,clipscore,ppl] [--clip-model ID_OR_DIR] [--ppl-model ID_OR_DIR] \\
-        [--out metrics.json]
+        [--out metrics.json] [--length-plot lengths.png]
+
+Both write a histogram of the caption lengths as a PNG after the metrics (a plot that fails is only a warning):
+<output_dir>/eval_<split>_caption_lengths.png, or for --results X_results.json, X_caption_lengths.png in the
+folder of --out (default: of the results file).
 """
 import argparse
 import json
+from pathlib import Path
 
 import engine
 import utils
@@ -31,17 +36,22 @@ def parse_args(argv=None):
     file_mode.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
     file_mode.add_argument("--ppl-model", default="gpt2")
     file_mode.add_argument("--out", help="write the metrics JSON here")
+    file_mode.add_argument("--length-plot", help="write the caption-length histogram (PNG) here instead")
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.results):
         parser.error("give either --config (generate and score) or --results with --annotations (score a file)")
     if args.results and not args.annotations:
         parser.error("--results needs --annotations")
+    if args.length_plot and not args.results:
+        parser.error("--length-plot goes with --results; with --config the plot is <output_dir>/eval_<split>_"
+                     "caption_lengths.png")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.results:
+        from metrics.plots import length_plot_path, plot_caption_lengths_or_warn
         from metrics.suite import score_results_file
 
         utils.setup_logging()
@@ -51,6 +61,8 @@ def main(argv=None) -> dict:
             clip_model=args.clip_model, ppl_model=args.ppl_model, out=args.out,
         )
         print(json.dumps(metrics, indent=2))
+        plot = args.length_plot or length_plot_path(args.results, Path(args.out).parent if args.out else None)
+        plot_caption_lengths_or_warn(args.results, plot, run=Path(args.results).stem)
         return metrics
     config = engine.load_config(args.config, args.opt)
     utils.setup_logging(config["output_dir"])

@@ -3,7 +3,8 @@ CLIP self-retrieval, CLIPScore, GPT-2 perplexity), as reported by the SMILE pape
 
 Entry points: `compute_metrics` (captions in memory, e.g. validation during training) and
 `score_results_file` (a results JSON, no captioning model). This package never imports models/ or
-data/: scoring needs only captions, ground truth and images.
+data/: scoring needs only captions, ground truth and images. `plots` draws caption-length histograms and
+per-metric comparison charts (matplotlib, imported only when a plot is drawn).
 """
 from .clip_metrics import (
     CLIPSCORE_PREFIX,
@@ -25,6 +26,7 @@ from .clip_metrics import (
 )
 from .coco import coco_caption_metrics, fallback_tokenize, java_available, ptb_tokenize, read_coco_gt
 from .perplexity import DEFAULT_LM, LMBundle, caption_perplexities, gpt2_perplexity, load_language_model
+from .plots import caption_length_histogram, length_counts, metric_comparison_chart
 from .suite import (
     ALL_METRICS,
     DEFAULT_METRICS,
@@ -41,11 +43,11 @@ from .text_stats import caption_length, caption_lengths, caption_words, lexical_
 
 __all__ = [
     "ALL_METRICS", "CLIPSCORE_PREFIX", "CLIPSCORE_WEIGHT", "DEFAULT_CLIP", "DEFAULT_LM", "DEFAULT_METRICS",
-    "METRIC_KEYS", "ClipBundle", "LMBundle", "align_results", "caption_length", "caption_lengths",
-    "caption_perplexities", "caption_words", "clip_score", "clip_score_from_features", "coco_caption_metrics",
-    "compute_metrics", "encode_images", "encode_texts", "extra_pool_paths", "fallback_tokenize", "gpt2_perplexity",
-    "java_available", "lexical_diversity", "load_clip", "load_language_model", "markdown_header", "markdown_row",
-    "markdown_table", "normalize_caption", "ptb_tokenize", "read_coco_gt", "recall_at_k", "recall_from_ranks",
-    "ref_clip_score", "ref_clip_score_from_features", "retrieval_ranks", "score_results_file", "self_retrieval",
-    "write_metrics_json",
+    "METRIC_KEYS", "ClipBundle", "LMBundle", "align_results", "caption_length", "caption_length_histogram",
+    "caption_lengths", "caption_perplexities", "caption_words", "clip_score", "clip_score_from_features",
+    "coco_caption_metrics", "compute_metrics", "encode_images", "encode_texts", "extra_pool_paths", "fallback_tokenize",
+    "gpt2_perplexity", "java_available", "length_counts", "lexical_diversity", "load_clip", "load_language_model",
+    "markdown_header", "markdown_row", "markdown_table", "metric_comparison_chart", "normalize_caption", "ptb_tokenize",
+    "read_coco_gt", "recall_at_k", "recall_from_ranks", "ref_clip_score", "ref_clip_score_from_features",
+    "retrieval_ranks", "score_results_file", "self_retrieval", "write_metrics_json",
 ]

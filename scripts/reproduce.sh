@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Train and test every SMILE table row of one dataset, then write results/<dataset>.md.
+# Train and test every SMILE table row of one dataset, then write results/<dataset>.md, and beside it two plots:
+# <dataset>_metrics.png (the table as bar charts, a panel per column) and <dataset>_lengths.png (the rows'
+# caption-length histograms on test).
 #
 #   bash scripts/reproduce.sh coco|flickr30k|toy [KEY=VALUE | --opt KEY=VALUE ...]
 #
@@ -176,3 +178,17 @@ EOF
 mv "$RESULTS.tmp" "$RESULTS"
 echo "wrote $RESULTS"
 cat "$RESULTS"
+
+# The plots come after the table, so one that fails (e.g. no matplotlib) costs nothing already written.
+results_files=()
+for row in $ROWS; do results_files+=("${OUTDIR[$row]}/test_results.json"); done
+PLOTS=${RESULTS%.md}
+case "$DATASET" in
+  coco) title="MSCOCO Karpathy test split" ;; flickr30k) title="Flickr30K Karpathy test split" ;;
+  toy) title="toy test split" ;;
+esac
+if ! "$PYTHON" scripts/make_table.py "${files[@]}" --names "${names[@]}" --lex-div "${LEX_DIV:-distinct_1}" \
+     --results "${results_files[@]}" --title "$title" --plot "${PLOTS}_metrics.png" \
+     --length-plot "${PLOTS}_lengths.png" > /dev/null; then
+  echo "reproduce.sh: WARNING: the plots were not written (see the message above); $RESULTS is complete" >&2
+fi
