@@ -261,6 +261,8 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
     (tokenizer, targets). ``progress`` is updated after every step, and ``save_latest()`` is called every
     ``train.checkpoint_every`` steps. Loss values stay on the device and are read only every ``log_every``
     steps; the one per-step host sync is the non-finite check (a single flag, all-reduced across ranks).
+    The global gradient norm is computed only on logged steps (or every step when ``train.grad_clip`` needs it)
+    and read together with the loss; images/s in a train record covers the steps since the previous one.
     """
     train_config = config["train"]
     model.train()
@@ -275,6 +277,7 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
     bar = tqdm(batches, total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch}",
                disable=not utils.is_main(), dynamic_ncols=True)
     start = time.perf_counter()
+    interval_start, interval_first_step = start, progress.global_step
     for batch_index, (images, captions, image_ids, num_skipped) in enumerate(bar, start=first_batch):
         if max_steps and progress.global_step >= max_steps:
             break
@@ -299,10 +302,16 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
             progress.global_step += 1
             progress.batches_done = batch_index + 1
             continue
+        log_now = (progress.global_step + 1) % train_config["log_every"] == 0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # After backward, DDP has all-reduced the gradients, so this norm is the global one on every rank.
+        grad_norm = None
         if train_config["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config["grad_clip"])
+            # clip_grad_norm_ returns the norm before clipping, which is the one worth logging.
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config["grad_clip"])
+        elif log_now:
+            grad_norm = utils.global_grad_norm(model.parameters())
         optimizer.step()
         progress.global_step += 1
         progress.batches_done = batch_index + 1
@@ -310,13 +319,18 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
         running_count += 1
         epoch_sum += loss.detach()
         epoch_count += 1
-        if progress.global_step % train_config["log_every"] == 0:
+        if log_now:
             mean_loss = utils.all_reduce_mean(running / running_count).item()
+            parts_now = {f"loss_{name}": value.item() for name, value in parts.items()}
+            norm_now = grad_norm.item()
+            now = time.perf_counter()  # after the reads above, which wait for the device to finish the steps
+            images = (progress.global_step - interval_first_step) * train_config["batch_size"] * utils.get_world_size()
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            log.log(kind="train", epoch=epoch, step=progress.global_step, loss=mean_loss, lr=lr,
-                    **{f"loss_{name}": value.item() for name, value in parts.items()})
+            log.log(kind="train", epoch=epoch, step=progress.global_step, loss=mean_loss, lr=lr, **parts_now,
+                    grad_norm=norm_now, images_per_second=images / max(now - interval_start, 1e-9))
             running.zero_()
             running_count = 0
+            interval_start, interval_first_step = now, progress.global_step
         if train_config["checkpoint_every"] and progress.global_step % train_config["checkpoint_every"] == 0:
             save_latest()
     elapsed = time.perf_counter() - start
@@ -431,7 +445,10 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
 
     Joins the process group torchrun describes, if any. Data paths must be resolved (``resolve_data_paths``).
     Resumes from ``output_dir/checkpoint_latest.safetensors`` when ``resume`` says so (see checkpointing.py).
+    With ``train.tensorboard``, rank 0 also writes every log record's numbers to ``output_dir/tensorboard``.
     """
+    if config["train"]["tensorboard"]:
+        utils.require_tensorboard()  # before any work, rather than after the model is built
     device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
     output_dir = Path(config["output_dir"])
     resume_from = checkpointing.check_output_dir(output_dir, config["resume"], config["overwrite"])
@@ -450,7 +467,6 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
     train_loader, sampler = build_train_loader(config, captioner.image_size)
     validate = config["train"]["validate"]
     val_loader, val_gt = build_eval_loader(config, "val", captioner.image_size) if validate else (None, None)
-    log = utils.JsonlLogger(output_dir / "log.jsonl")
 
     progress = checkpointing.TrainProgress(world_size=utils.get_world_size())
     if resume_from is not None:
@@ -459,6 +475,7 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
                     progress.batches_done, progress.global_step)
         if progress.batches_done == 0:  # at an epoch boundary the next epoch's loader has not drawn yet
             checkpointing.restore_rng_from(progress)
+    log = utils.JsonlLogger(output_dir / "log.jsonl", _open_tensorboard(config, output_dir, resume_from, progress))
     logger.info("objective %s; %d training captions, %d steps per epoch, %d process(es)", objective,
                 len(train_loader.dataset), len(train_loader), utils.get_world_size())
 
@@ -467,40 +484,59 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
                                                config, progress)
 
     max_steps = config["train"]["max_steps"]
-    while progress.epoch < config["train"]["epochs"] and not (max_steps and progress.global_step >= max_steps):
-        epoch = progress.epoch
-        sampler.set_epoch(epoch)
-        sampler.skip_batches(progress.batches_done, config["train"]["batch_size"])
-        stats = train_one_epoch(model, captioner, train_loader, objective, optimizer, config, progress, log, device,
-                                save_latest)
-        log.log(kind="epoch", epoch=epoch, step=progress.global_step, **stats)
-        logger.info("epoch %d: loss %.4f, %.1f images/s", epoch, stats["loss"], stats["images_per_second"])
-        metrics = None
-        if val_loader is not None:
-            results, metrics = evaluate(captioner, val_loader, val_gt, config, device)
-            log.log(kind="val", epoch=epoch, step=progress.global_step, **metrics)
-            logger.info("epoch %d val: %s", epoch, _format_metrics(metrics))
-            if utils.is_main():
-                utils.write_json(output_dir / f"val_epoch{epoch}_results.json", results)
-        progress.epoch, progress.batches_done = epoch + 1, 0
-        if metrics is None or selection_score(metrics) > progress.best_score:
-            # Without validation there is no selection: the last epoch is the one to keep.
-            if metrics is not None:
-                progress.best_score, progress.best_metrics = selection_score(metrics), metrics
-            checkpointing.save_training_checkpoint(output_dir / checkpointing.BEST, captioner.model, None, config,
-                                                   progress, metrics=metrics)
-        save_latest()
-    utils.barrier()
+    with log:  # closes the TensorBoard writer, flushing its last events, also when training fails
+        while progress.epoch < config["train"]["epochs"] and not (max_steps and progress.global_step >= max_steps):
+            epoch = progress.epoch
+            sampler.set_epoch(epoch)
+            sampler.skip_batches(progress.batches_done, config["train"]["batch_size"])
+            stats = train_one_epoch(model, captioner, train_loader, objective, optimizer, config, progress, log,
+                                    device, save_latest)
+            log.log(kind="epoch", epoch=epoch, step=progress.global_step, **stats)
+            logger.info("epoch %d: loss %.4f, %.1f images/s", epoch, stats["loss"], stats["images_per_second"])
+            metrics = None
+            if val_loader is not None:
+                results, metrics = evaluate(captioner, val_loader, val_gt, config, device)
+                log.log(kind="val", epoch=epoch, step=progress.global_step, **metrics)
+                logger.info("epoch %d val: %s", epoch, _format_metrics(metrics))
+                if utils.is_main():
+                    utils.write_json(output_dir / f"val_epoch{epoch}_results.json", results)
+            progress.epoch, progress.batches_done = epoch + 1, 0
+            if metrics is None or selection_score(metrics) > progress.best_score:
+                # Without validation there is no selection: the last epoch is the one to keep.
+                if metrics is not None:
+                    progress.best_score, progress.best_metrics = selection_score(metrics), metrics
+                checkpointing.save_training_checkpoint(output_dir / checkpointing.BEST, captioner.model, None,
+                                                       config, progress, metrics=metrics)
+            save_latest()
+        utils.barrier()
 
-    summary = {"best_val": progress.best_metrics, "steps": progress.global_step,
-               "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps}
-    if config["train"]["test_after_training"] and config["data"]["test_file"]:
-        checkpointing.load_weights(output_dir / checkpointing.BEST, captioner.model)
-        summary["test"] = evaluate_split(captioner, config, "test", device, output_dir, "test")
-        log.log(kind="test", step=progress.global_step, **summary["test"])
+        summary = {"best_val": progress.best_metrics, "steps": progress.global_step,
+                   "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps}
+        if config["train"]["test_after_training"] and config["data"]["test_file"]:
+            checkpointing.load_weights(output_dir / checkpointing.BEST, captioner.model)
+            summary["test"] = evaluate_split(captioner, config, "test", device, output_dir, "test")
+            log.log(kind="test", step=progress.global_step, **summary["test"])
     if utils.is_main():
         utils.write_json(output_dir / "summary.json", summary)
     return summary, captioner
+
+
+def _open_tensorboard(config: dict, output_dir: Path, resume_from: Path | None,
+                      progress: checkpointing.TrainProgress):
+    """The run's TensorBoard writer (rank 0; None elsewhere or when ``train.tensorboard`` is off).
+
+    A fresh start deletes event files an earlier run left in ``output_dir/tensorboard`` (check_output_dir has
+    already refused to replace a run without ``overwrite``), so old and new curves never mix; a resumed run
+    purges the events logged after the checkpoint it resumes from, which it is about to log again.
+    """
+    if not config["train"]["tensorboard"]:
+        return None
+    log_dir = output_dir / "tensorboard"
+    if resume_from is None and utils.is_main():
+        for stale in log_dir.glob("events.out.tfevents.*"):
+            stale.unlink()
+    # The checkpoint was saved after the records of its own step were logged: only later steps are done again.
+    return utils.open_tensorboard(log_dir, purge_step=None if resume_from is None else progress.global_step + 1)
 
 
 def run_evaluation(config: dict, checkpoint: str | None = None, split: str | None = None) -> dict:

@@ -294,10 +294,20 @@ def write_json(path: str | Path, payload: Any) -> None:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line; only rank 0 writes."""
+    """Appends one JSON object per line; only rank 0 writes.
 
-    def __init__(self, path: str | Path):
+    With a TensorBoard writer (`open_tensorboard`), each record is also written there: every numeric field
+    ``F`` of a record of kind ``K`` becomes the scalar ``K/F`` at x = the record's ``step``, so the JSONL file
+    and TensorBoard always hold the same numbers under the same names (``train/loss``, ``val/CIDEr``, ...).
+    ``kind``, ``epoch`` and ``step`` are the record's coordinates, not scalars; lists, strings, booleans and None
+    are left out. Close the logger (or use it as a context manager) to flush the writer.
+    """
+
+    COORDINATES = ("kind", "epoch", "step")
+
+    def __init__(self, path: str | Path, tensorboard: Any = None):
         self.path = Path(path)
+        self.tensorboard = tensorboard if is_main() else None
 
     def log(self, **record: Any) -> None:
         if not is_main():
@@ -305,6 +315,72 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None and "kind" in record and "step" in record:
+            for name, value in tensorboard_scalars(record).items():
+                self.tensorboard.add_scalar(name, value, global_step=record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def __enter__(self) -> JsonlLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """``{"<kind>/<field>": value}`` for the numeric (int or float, not bool) fields of a log record."""
+    kind = record["kind"]
+    return {f"{kind}/{name}": float(value) for name, value in record.items()
+            if name not in JsonlLogger.COORDINATES and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+TENSORBOARD_MISSING = ("train.tensorboard: true needs the tensorboard package, which is not installed. Install the "
+                       "optional extras with `pip install -r requirements-extra.txt`, or set train.tensorboard: false.")
+
+
+def require_tensorboard() -> None:
+    """Raise ConfigError naming the key and the install command when tensorboard cannot be imported.
+
+    Imports ``tensorboard`` itself, not only ``torch.utils.tensorboard``: torch's wrapper may already sit in
+    ``sys.modules`` from an earlier import, and it is tensorboard that writes the event files.
+    """
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"{TENSORBOARD_MISSING} ({error})") from None
+
+
+def open_tensorboard(log_dir: str | Path, purge_step: int | None = None):
+    """A ``SummaryWriter`` on ``log_dir`` on rank 0, None on the other ranks.
+
+    ``purge_step``: a resumed run passes the step after the one it resumes from, so that TensorBoard hides the
+    events the interrupted run wrote after its last checkpoint (they are written again, and would otherwise show
+    twice).
+    """
+    require_tensorboard()
+    if not is_main():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def global_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of all parameters' gradients taken together (what ``clip_grad_norm_`` clips), as a 0-dim tensor.
+
+    Stays on the device (no host sync) until the caller reads it. Parameters without a gradient are left out;
+    0 when none has one. Accumulates in float32, whatever the gradients' dtype.
+    """
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    return torch.linalg.vector_norm(norms)
 
 
 def cosine_lr(step_or_epoch: float, total: float, base_lr: float, min_lr: float = 0.0) -> float:
