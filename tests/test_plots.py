@@ -73,12 +73,21 @@ def test_histogram_rejects_no_runs_and_empty_runs():
         plots.length_histogram({"A": ["a dog"], "B": []})
 
 
+def _pyplot_figures():
+    """Open pyplot figures, or None while pyplot is not imported (other tests may import it)."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    return None if pyplot is None else pyplot.get_fignums()
+
+
 def test_histogram_png_is_valid_for_one_and_several_runs(tmp_path):
+    figures = _pyplot_figures()
     assert plots.caption_length_histogram(CAPTIONS, tmp_path / "sub" / "two.png") == tmp_path / "sub" / "two.png"
     assert_png(tmp_path / "sub" / "two.png")
     assert_png(plots.caption_length_histogram({"only": CAPTIONS["MLE"]}, tmp_path / "one.png"))
     assert not list(tmp_path.rglob("*.tmp.png"))  # the temporary file was renamed into place
-    assert "matplotlib.pyplot" not in sys.modules  # the object API only: a caller's pyplot backend is untouched
+    # The object API only: pyplot is neither imported nor left holding figures, so a caller's backend and
+    # figures are untouched.
+    assert _pyplot_figures() == figures
 
 
 RUNS = {
