@@ -46,7 +46,9 @@ def load_config(path: str | Path, overrides=()) -> dict:
         raise utils.ConfigError(f"{path}: objective: {error}") from None
     choices = {"eval.split": ("val", "test"), "resume": (False, True, "auto"), "train.on_nonfinite": ("stop", "skip"),
                "data.train_bad_images": ("skip", "fail"), "data.eval_bad_images": ("fail", "skip"),
-               "train.schedule": ("cosine_epoch", "cosine_step", "constant"), "model.compile": (None, "vision", "full")}
+               "train.schedule": ("cosine_epoch", "cosine_step", "constant"), "model.compile": (None, "vision", "full"),
+               "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+               "model.text_padding": ("longest", "max_length")}
     for key, allowed in choices.items():
         value = utils.get_by_path(config, key)
         if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
@@ -110,6 +112,7 @@ def build_captioner(config: dict, device: torch.device, pretrained: str | None =
         max_text_length=model_config["max_text_length"],
         gradient_checkpointing=model_config["gradient_checkpointing"],
         attention=model_config["attention"],
+        text_padding=model_config["text_padding"],
     )
     source = pretrained or model_config["pretrained"]
     if source and load_weights:
@@ -117,7 +120,7 @@ def build_captioner(config: dict, device: torch.device, pretrained: str | None =
                         strict=model_config["strict_loading"], sha256=model_config["pretrained_sha256"])
     captioner.to(device)
     if model_config["compile"]:
-        captioner.compile_parts(model_config["compile"])
+        captioner.compile_parts(model_config["compile"], mode=model_config["compile_mode"])
     return captioner
 
 

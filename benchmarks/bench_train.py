@@ -13,7 +13,8 @@ interleaved round-robin, so load from other processes on the machine hits every 
   SMILE never forms the full logits (models/objectives.py ``smile_from_features``);
 * ``sdpa`` and ``smile_head`` (``--paths``): each optimisation alone, on top of the baseline;
 * ``compiled`` / ``compiled_vision``: ``optimised`` under ``torch.compile`` (``model.compile: full | vision``);
-  the compile time falls in the warm-up steps;
+  the compile time falls in the warm-up steps; ``compiled_graphs``: ``compiled`` with ``mode="reduce-overhead"``
+  (CUDA graphs; this fixed-shape batch is their best case, since a new text length records a new graph);
 * ``NAME:mle`` runs a path with MLE instead of the ``--objective``, e.g. ``optimised:mle``.
 
 Printed per path: images/s from the fastest step (load from other processes only adds time; the median step is
@@ -76,6 +77,7 @@ PATHS = {
     "optimised": dict(attention="sdpa", fast=True, fused_loss=True),
     "compiled_vision": dict(attention="sdpa", fast=True, fused_loss=True, compile="vision"),
     "compiled": dict(attention="sdpa", fast=True, fused_loss=True, compile="full"),
+    "compiled_graphs": dict(attention="sdpa", fast=True, fused_loss=True, compile="full", mode="reduce-overhead"),
 }
 BERT_VOCAB = 30522  # + [DEC] and [ENC] = 30524 ids, as BLIP's decoder
 
@@ -132,7 +134,8 @@ class PathRunner:
         self.fast = self.config["fast"] and self.device.type == "cuda"
         self.captioner = build_captioner(args, self.config["attention"], vocab_file).to(self.device).train()
         if self.config.get("compile"):
-            self.captioner.compile_parts(self.config["compile"])
+            options = {"mode": self.config["mode"]} if "mode" in self.config else {}
+            self.captioner.compile_parts(self.config["compile"], **options)
         self.objective = CaptionObjective(objective_name or args.objective)
         self.optimizer = torch.optim.AdamW(self.captioner.parameters(), lr=1e-5, weight_decay=0.05, fused=self.fast)
         self.phases = {"data": [], "forward": [], "backward": [], "optimiser": []}

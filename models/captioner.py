@@ -142,8 +142,11 @@ class BlipCaptioner(nn.Module):
         tokenizer: BertTokenizer,
         prompt: str = DEFAULT_PROMPT,
         max_text_length: int = 40,
+        text_padding: str = "longest",
     ):
         super().__init__()
+        if text_padding not in ("longest", "max_length"):
+            raise ValueError(f"text_padding must be 'longest' or 'max_length', got {text_padding!r}")
         vocab = model.config.text_config.vocab_size
         if len(tokenizer) != vocab:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocabulary has {vocab}")
@@ -151,6 +154,9 @@ class BlipCaptioner(nn.Module):
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_text_length = max_text_length
+        # "max_length" pads every batch to max_text_length: fixed shapes, so torch.compile and CUDA graphs never
+        # see a new text length (the loss is the same; padded positions are IGNORE_INDEX).
+        self.text_padding = text_padding
         # BLIP: len(tokenizer(prompt).input_ids) - 1, i.e. bos + prompt words without [SEP].
         self.prompt_length = len(tokenizer(prompt).input_ids) - 1
 
@@ -164,6 +170,7 @@ class BlipCaptioner(nn.Module):
         max_text_length: int = 40,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
+        text_padding: str = "longest",
     ) -> "BlipCaptioner":
         """A randomly initialised captioner; load weights with ``models.checkpoint.load_pretrained``.
 
@@ -181,7 +188,7 @@ class BlipCaptioner(nn.Module):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         set_attention(model, attention)
-        return cls(model, tokenizer, prompt=prompt, max_text_length=max_text_length)
+        return cls(model, tokenizer, prompt=prompt, max_text_length=max_text_length, text_padding=text_padding)
 
     @property
     def attention(self) -> str:
@@ -218,14 +225,15 @@ class BlipCaptioner(nn.Module):
     def image_size(self) -> int:
         return self.model.config.vision_config.image_size
 
-    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, captions: list[str], padding: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``prompt + caption`` for each caption -> (input_ids, attention_mask), both (B, L) on the model's device.
 
-        Position 0 ([CLS]) is replaced by the [DEC] bos token, as BLIP's decoder expects.
+        Position 0 ([CLS]) is replaced by the [DEC] bos token, as BLIP's decoder expects. ``padding``: "longest"
+        (L = the longest caption) or "max_length" (L = ``max_text_length``); default ``self.text_padding``.
         """
         encoded = self.tokenizer(
             [self.prompt + caption for caption in captions],
-            padding="longest",
+            padding=padding or self.text_padding,
             truncation=True,
             max_length=self.max_text_length,
             return_tensors="pt",
@@ -309,7 +317,7 @@ class BlipCaptioner(nn.Module):
         """
         image_embeds = self.encode_images(pixel_values)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        prompt_ids, _ = self.tokenize([""] * pixel_values.shape[0])
+        prompt_ids, _ = self.tokenize([""] * pixel_values.shape[0], padding="longest")
         prompt_ids = prompt_ids[:, :-1]  # drop the [SEP] that closes the (empty) caption
         options = dict(max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
         if sample:

@@ -108,3 +108,26 @@ def test_compile_keeps_parameter_names_and_outputs(scope):
         compiled = captioner(images, input_ids, attention_mask)
     assert list(captioner.state_dict()) == names
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["mle", "smile", {"mle": 0.01, "smile": 0.99}, {"smile": {"first_token_mle": False}}])
+def test_padding_to_max_length_changes_shapes_not_losses(spec):
+    from models import CaptionObjective
+
+    torch.manual_seed(0)
+    captioner = BlipCaptioner.build("tiny", image_size=32, tokenizer=FIXTURES / "vocab.txt").eval()
+    images, captions = torch.randn(3, 3, 32, 32), ["a red ball", "two dog on the grass", "a"]
+    objective = CaptionObjective(spec)
+    losses = {}
+    for padding in ("longest", "max_length"):
+        captioner.text_padding = padding
+        input_ids, attention_mask = captioner.tokenize(captions)
+        targets = captioner.build_targets(input_ids, attention_mask)
+        losses[padding], _ = captioner(images, input_ids, attention_mask, targets=targets, objective=objective)
+        if padding == "max_length":
+            assert input_ids.shape[1] == captioner.max_text_length
+    torch.testing.assert_close(losses["max_length"], losses["longest"], atol=1e-6, rtol=1e-6)
+    # Generation builds its prompt without padding, whatever the training padding is.
+    generated = captioner.generate_ids(images, num_beams=2, max_length=10, min_length=3)
+    captioner.text_padding = "longest"
+    assert torch.equal(generated, captioner.generate_ids(images, num_beams=2, max_length=10, min_length=3))
