@@ -76,6 +76,10 @@ def main(argv=None):
                          generator=torch.Generator().manual_seed(0)).to(device)
     options = dict(num_beams=args.num_beams, max_length=args.max_length, min_length=min_length)
 
+    def generate(pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+            return captioner.generate_ids(pixel_values, **options)
+
     times = {name: [] for name in implementations}
     extra_memory = dict.fromkeys(implementations, 0)
     outputs = {}
@@ -87,8 +91,7 @@ def main(argv=None):
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
-                generated = captioner.generate_ids(images, **options)
+            generated = generate(images)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 extra_memory[name] = max(extra_memory[name], torch.cuda.max_memory_allocated() - before)
@@ -121,8 +124,7 @@ def main(argv=None):
             torch.cuda.synchronize()
         start = time.perf_counter()
         for size in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
-                captioner.generate_ids(images[:size], **options)
+            generate(images[:size])
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

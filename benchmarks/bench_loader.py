@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import machine_description  # noqa: E402
 
-from data import CaptionTrainDataset, build_eval_transform, caption_collate  # noqa: E402
+import engine  # noqa: E402
+from data import CaptionTrainDataset, build_eval_transform, build_train_transform, caption_collate  # noqa: E402
 from data.transforms import BlipRandAugment  # noqa: E402
 from models.preprocessing import CLIP_MEAN, CLIP_STD  # noqa: E402
 
@@ -103,9 +104,6 @@ def stage_table(paths: list[Path], image_size: int, min_scale: float, repeats: i
 
 def loader_rate(root: Path, annotation: Path, image_size: int, workers: int, batches: int) -> float:
     """Images/s of the engine's training DataLoader with ``workers`` processes (after one warm-up batch)."""
-    import engine
-    from data import build_train_transform
-
     dataset = CaptionTrainDataset(annotation, root, build_train_transform(image_size))
     config = {"data": {"num_workers": workers}, "train": {"batch_size": 32}, "seed": 0}
     loader, _ = engine._loader(dataset, 32, True, caption_collate, config, seed=0)

@@ -252,33 +252,29 @@ def vision_matmul_ceiling(arch, args) -> None:
     width, mlp = arch.vision_width, arch.vision_mlp
     for name, (k, n) in {"qkv": (width, 3 * width), "attn out": (width, width), "fc1": (width, mlp),
                          "fc2": (mlp, width)}.items():
-        a = torch.randn(rows, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        _sync(device)
-        repeats, start = 20, time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        _sync(device)
-        rate = 2 * rows * k * n * repeats / (time.perf_counter() - start)
+        rate = matmul_rate(rows, k, n, device, dtype, warmup=3, repeats=20)
         print(f"  {name:<9} ({rows} x {k}) @ ({k} x {n}): {rate / 1e12:7.1f} TFLOP/s {dtype}")
+
+
+def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> float:
+    """Achieved FLOP/s of an (m x k) @ (k x n) matmul on random data, after ``warmup`` untimed products."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(warmup):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * m * k * n * repeats / (time.perf_counter() - start)
 
 
 def measured_peak(device: torch.device) -> tuple[float, str]:
     """Achieved matmul FLOP/s (fp32 on CPU, bf16 on CUDA): a practical ceiling for this machine."""
     size = 2048 if device.type == "cpu" else 8192
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    repeats, start = 5, time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start), f"measured {dtype} {size}^3 matmul"
+    return matmul_rate(size, size, size, device, dtype, warmup=2, repeats=5), f"measured {dtype} {size}^3 matmul"
 
 
 def machine_description(device: torch.device) -> str:
