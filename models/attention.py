@@ -93,33 +93,47 @@ class SdpaBlipAttention(BlipAttention):
         return self.projection(context), None
 
 
+# The names transformers has given the generation cache argument of BlipTextSelfAttention.forward:
+# ``past_key_values`` (4.57 to 5.23; 4.57 also accepts the deprecated ``past_key_value``) and ``cache`` (5.24+).
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+
 class SdpaBlipTextSelfAttention(BlipTextSelfAttention):
     """BLIP's text self- or cross-attention through SDPA, with the eager module's cache handling.
 
-    Returns ``(context (B, Q, hidden), None)``.
+    Every caller in transformers (``BlipTextAttention``) passes everything but ``hidden_states`` by keyword, so the
+    forward takes keywords and reads the cache under whichever name the installed version uses. Extra keywords of
+    the 4.57 layout (``head_mask``, ``output_attentions``, ``cache_position``) are understood as the eager module
+    understands them. Returns ``(context (B, Q, hidden), None)``.
+
+    Cross-attention mask: ``BlipTextLayer`` hands the image mask to cross-attention as ``attention_mask``, while the
+    eager module reads ``encoder_attention_mask`` there, so in every supported version (4.57 to 5.24) eager BLIP
+    attends to every image token. BLIP never pads image tokens; this module reads the same argument as eager, so
+    the two stay identical.
     """
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        **kwargs,
-    ):
-        if _attention_weights_requested(kwargs):
-            return super().forward(
-                hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, past_key_values, **kwargs
-            )
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:  # a positional caller: name the arguments by the installed eager signature
+            bound = inspect.signature(super().forward).bind(hidden_states, *args, **kwargs)
+            bound.apply_defaults()
+            kwargs = {**{k: v for k, v in bound.arguments.items() if k not in ("hidden_states", "kwargs")},
+                      **bound.arguments.get("kwargs", {})}
+        if _attention_weights_requested(kwargs) or getattr(self, "position_embedding_type", "absolute") != "absolute":
+            return super().forward(hidden_states, **kwargs)
+        attention_mask = kwargs.get("attention_mask")
+        encoder_hidden_states = kwargs.get("encoder_hidden_states")
+        encoder_attention_mask = kwargs.get("encoder_attention_mask")
+        past_key_values = next((kwargs[name] for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+        cache_position = kwargs.get("cache_position")
+
         input_shape = hidden_states.shape[:-1]
         query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
 
         is_cross_attention = encoder_hidden_states is not None
         mask = encoder_attention_mask if is_cross_attention else attention_mask
 
-        # The cache logic of BlipTextSelfAttention (transformers 5): one EncoderDecoderCache whose self-attention
-        # part grows every step and whose cross-attention part is filled once (``is_updated``) and then reused.
+        # The cache logic of BlipTextSelfAttention: one EncoderDecoderCache whose self-attention part grows every
+        # step and whose cross-attention part is filled once (``is_updated``) and then reused.
         cache, reuse_cross = None, False
         if past_key_values is not None:
             cache = past_key_values
@@ -138,7 +152,8 @@ class SdpaBlipTextSelfAttention(BlipTextSelfAttention):
             key = self.key(source).view(kv_shape).transpose(1, 2)
             value = self.value(source).view(kv_shape).transpose(1, 2)
             if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx)
+                cache_kwargs = {"cache_position": None if is_cross_attention else cache_position}
+                key, value = cache.update(key, value, self.layer_idx, cache_kwargs)
                 if is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
                     past_key_values.is_updated[self.layer_idx] = True
 
@@ -163,18 +178,33 @@ def _forward_parameters(cls: type) -> list[str]:
     return list(inspect.signature(cls.forward).parameters)
 
 
-def sdpa_supported() -> bool:
-    """Whether the installed transformers' BLIP attention has the forward signatures the SDPA subclasses mirror.
+# The argument names of the eager forwards that the SDPA subclasses understand, for every layout of the supported
+# transformers range (requirements.txt): 4.57 (head_mask, output_attentions and cache_position as arguments),
+# 5.0-5.23 (past_key_values, hook-based output_attentions) and 5.24+ (the cache renamed ``cache``).
+_VISION_ARGUMENTS = {"self", "hidden_states", "head_mask", "kwargs"}
+_TEXT_REQUIRED = ["self", "hidden_states", "attention_mask"]
+_TEXT_ARGUMENTS = {
+    "self", "hidden_states", "attention_mask", "head_mask", "encoder_hidden_states", "encoder_attention_mask",
+    *_CACHE_ARGUMENTS, "output_attentions", "cache_position", "kwargs",
+}
 
-    The subclasses re-implement the eager forward of transformers 5 (cache objects, hook-based
-    output_attentions); another layout (e.g. 4.x's ``past_key_value``/``output_attentions`` arguments) would be
-    misread, so it keeps eager attention instead.
+
+def sdpa_supported() -> bool:
+    """Whether the installed transformers' BLIP attention forwards take only arguments the SDPA subclasses know.
+
+    True on every transformers release in requirements.txt's range (tests/test_attention.py asserts it, rather
+    than skipping, so CI fails if a release in the range changes the layout). A layout with an unknown argument
+    could carry meaning the subclasses would drop, so it keeps eager attention instead (with a warning).
     """
-    vision_ok = _forward_parameters(BlipAttention) == ["self", "hidden_states", "kwargs"]
-    text_ok = _forward_parameters(BlipTextSelfAttention)[:6] == [
-        "self", "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
-        "past_key_values",
-    ]
+    vision = _forward_parameters(BlipAttention)
+    text = _forward_parameters(BlipTextSelfAttention)
+    vision_ok = vision[:2] == ["self", "hidden_states"] and set(vision) <= _VISION_ARGUMENTS
+    text_ok = (
+        text[:3] == _TEXT_REQUIRED
+        and {"encoder_hidden_states", "encoder_attention_mask"} <= set(text)
+        and len(set(text) & set(_CACHE_ARGUMENTS)) >= 1
+        and set(text) <= _TEXT_ARGUMENTS
+    )
     return vision_ok and text_ok
 
 

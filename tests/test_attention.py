@@ -1,17 +1,38 @@
 """SDPA attention (models/attention.py) against transformers' eager BLIP attention: outputs, cache, dropout, fallbacks."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from models import BlipCaptioner, attention_of, set_attention
 from models.attention import SdpaBlipAttention, SdpaBlipTextSelfAttention, _sdpa_mask, sdpa_supported
 from tests.conftest import FIXTURES, fixture_architecture
 
-# On a transformers whose BLIP attention has another layout (4.57), set_attention keeps eager attention with a
-# warning, and every comparison below would compare eager with itself.
-pytestmark = pytest.mark.skipif(not sdpa_supported(), reason="SDPA patch does not cover this transformers' BLIP")
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
+
+
+def _declared_transformers_range() -> SpecifierSet:
+    for line in REQUIREMENTS.read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        if requirement.startswith("transformers"):
+            return SpecifierSet(requirement[len("transformers"):].strip())
+    raise AssertionError(f"{REQUIREMENTS} names no transformers range")
+
+
+def test_sdpa_is_supported_on_every_transformers_the_requirements_allow():
+    """Never skipped: inside the declared range the fast path must be on, or CI fails (a silent fallback to eager
+    would also turn every parity test below into eager-versus-eager)."""
+    installed = Version(transformers.__version__)
+    declared = _declared_transformers_range()
+    assert installed in declared, f"transformers {installed} is outside requirements.txt's {declared}"
+    assert sdpa_supported(), f"models/attention.py does not cover transformers {installed}'s BLIP attention"
+    captioner = BlipCaptioner.build("tiny", image_size=32, tokenizer=FIXTURES / "vocab.txt")
+    assert captioner.attention == "sdpa"
 
 CAPTIONS = ["a dog", "a small white cat on a table", "two red balls on the grass"]  # ragged: padding
 
