@@ -189,7 +189,11 @@ def check_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -> P
     if resume and latest.exists():
         return latest
     if resume is True:
-        raise RunExistsError(f"--resume: no {LATEST} in {output_dir} to resume from")
+        raise RunExistsError(
+            f"--resume: no {LATEST} in {output_dir} to resume from (the run never reached its first checkpoint, or "
+            "output_dir is wrong). For a job script that is resubmitted with the same command, use resume: auto "
+            "(--opt resume=auto): it continues when there is a checkpoint and starts fresh when there is none."
+        )
     if existing and not overwrite:
         raise RunExistsError(
             f"{output_dir} already holds a run ({', '.join(existing)}). Pass --resume (or resume: auto) to "

@@ -27,6 +27,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from imaging import open_rgb
 from metrics.text_stats import caption_lengths
 from models import Captioner
 from models.inference import DEFAULT_GENERATION
@@ -70,8 +71,8 @@ def validate_upload(path: str | Path, max_bytes: int, max_pixels: int = DEFAULT_
                 raise InputError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); "
                                   f"the limit is {max_pixels / 1e6:g} megapixels.")
             probe.verify()  # structural checks (e.g. PNG chunk CRCs); leaves `probe` unusable for decoding
-        with Image.open(path) as image:
-            return image.convert("RGB")  # decodes every pixel, so a truncated file fails here
+        # Decodes every pixel, so a truncated file fails here; upright by its EXIF orientation, as it is shown.
+        return open_rgb(path, exif_transpose=True)
     except InputError:
         raise
     except Image.DecompressionBombError:

@@ -9,11 +9,18 @@
         [--metrics coco,length,diversity,retrieval,clipscore,ppl] [--clip-model ID_OR_DIR] [--ppl-model ID_OR_DIR] \\
         [--out metrics.json] [--length-plot lengths.png]
 
+    # CHAIR object hallucination (COCO): --instances is datasets/coco/annotations/instances_val2014.json
+    python eval_caption.py --results R.json --annotations GT.json --metrics chair --instances INST.json --out M.json
+
+    # FineCapEval: the GT comes from the CSV (no --annotations); image_id is the CSV's `image` file name
+    python eval_caption.py --results R.json --finecapeval FineCapEval.csv --metrics coco,finecapeval --out M.json
+
 Both write a histogram of the caption lengths as a PNG after the metrics (a plot that fails is only a warning):
 <output_dir>/eval_<split>_caption_lengths.png, or for --results X_results.json, X_caption_lengths.png in the
 folder of --out (default: of the results file).
 """
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -31,7 +38,11 @@ def parse_args(argv=None):
     file_mode = parser.add_argument_group("score a results file (needs --results and --annotations)")
     file_mode.add_argument("--results", help='JSON list of {"image_id", "caption"}')
     file_mode.add_argument("--annotations", help="COCO-format caption ground truth")
+    file_mode.add_argument("--finecapeval", metavar="CSV", help="FineCapEval.csv: for --metrics finecapeval, and "
+                           "the COCO GT (its caption column) when --annotations is not given")
     file_mode.add_argument("--images-root", help="folder holding the GT's file_name paths (image metrics)")
+    file_mode.add_argument("--instances", metavar="INSTANCES.json", help="COCO instances_{train,val}2014.json, "
+                           "for --metrics chair / chair_corrected (object hallucination)")
     file_mode.add_argument("--metrics", help="comma-separated metric groups (default: coco,length,diversity)")
     file_mode.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
     file_mode.add_argument("--ppl-model", default="gpt2")
@@ -40,8 +51,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.results):
         parser.error("give either --config (generate and score) or --results with --annotations (score a file)")
-    if args.results and not args.annotations:
-        parser.error("--results needs --annotations")
+    if args.results and not (args.annotations or args.finecapeval):
+        parser.error("--results needs --annotations (or --finecapeval)")
     if args.length_plot and not args.results:
         parser.error("--length-plot goes with --results; with --config the plot is <output_dir>/eval_<split>_"
                      "caption_lengths.png")
@@ -58,14 +69,16 @@ def main(argv=None) -> dict:
         metrics = score_results_file(
             args.results, args.annotations, images_root=args.images_root,
             metrics=args.metrics.split(",") if args.metrics else None,
-            clip_model=args.clip_model, ppl_model=args.ppl_model, out=args.out,
+            clip_model=args.clip_model, ppl_model=args.ppl_model, out=args.out, finecapeval=args.finecapeval,
+            instances=args.instances,
         )
         print(json.dumps(metrics, indent=2))
         plot = args.length_plot or length_plot_path(args.results, Path(args.out).parent if args.out else None)
         plot_caption_lengths_or_warn(args.results, plot, run=Path(args.results).stem)
         return metrics
     config = engine.load_config(args.config, args.opt)
-    utils.setup_logging(config["output_dir"])
+    # Its own log file: evaluating into a training run's folder adds only eval_* files there.
+    utils.setup_logging(config["output_dir"], log_name=f"eval_{args.split or config['eval']['split']}.log")
     try:
         return engine.run_evaluation(engine.resolve_data_paths(config), checkpoint=args.checkpoint, split=args.split)
     finally:
@@ -73,4 +86,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(utils.run_cli(main, engine.USER_ERRORS))

@@ -9,6 +9,7 @@ steps) and checkpoint_best.safetensors (CIDEr + BLEU-4); at the end the best che
 Everything lands in ``output_dir``; ``--resume`` continues a run that was stopped.
 """
 import argparse
+import sys
 
 import engine
 import utils
@@ -41,4 +42,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(utils.run_cli(main, engine.USER_ERRORS))

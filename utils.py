@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +31,35 @@ logger = logging.getLogger("smile_blip")
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it and lists the valid choices."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points: the project's own user-facing errors as one line on stderr, exit status 2 (argparse's), no
+# traceback; anything unexpected keeps its traceback. SMILE_TRACEBACK=1 shows the traceback for all of them.
+# ---------------------------------------------------------------------------------------------------------------
+
+TRACEBACK_ENV = "SMILE_TRACEBACK"
+USER_ERROR_STATUS = 2
+
+
+def run_cli(main, user_errors: tuple[type[BaseException], ...], argv: list[str] | None = None,
+            prog: str | None = None) -> int:
+    """Run ``main(argv)``; return 0, or ``USER_ERROR_STATUS`` after printing a ``user_errors`` error as one line.
+
+    Under torchrun every rank exits with the status but only rank 0 prints (the ranks usually fail alike, e.g. on a
+    config error); torchrun then ends the job. Use as ``sys.exit(utils.run_cli(main, USER_ERRORS))``.
+    """
+    try:
+        main(argv)
+    except user_errors as error:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            name = prog or Path(sys.argv[0]).name
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"{name}: error: {message} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return USER_ERROR_STATUS
+    return 0
 
 
 def _read_yaml(path: Path) -> dict:
@@ -258,13 +288,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_logging(output_dir: str | Path | None = None) -> None:
-    """Rank 0 logs INFO to the console (and ``output_dir/train.log``); other ranks log warnings only."""
+def setup_logging(output_dir: str | Path | None = None, log_name: str = "train.log") -> None:
+    """Rank 0 logs INFO to the console (and ``output_dir/log_name``); other ranks log warnings only.
+
+    eval_caption.py passes its own ``log_name`` (``eval_<split>.log``), so evaluating into a training run's folder
+    never appends to that run's ``train.log``.
+    """
     level = logging.INFO if is_main() else logging.WARNING
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if output_dir is not None and is_main():
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+        handlers.append(logging.FileHandler(Path(output_dir) / log_name))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
@@ -381,6 +415,14 @@ def global_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
         return torch.zeros(())
     norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
     return torch.linalg.vector_norm(norms)
+
+
+def linear_warmup_lr(step: float, total: float, warmup: float, base_lr: float) -> float:
+    """0 -> ``base_lr`` linearly over ``warmup`` steps, then linearly down to 0 at ``total`` (transformers'
+    ``get_linear_schedule_with_warmup``, which ClipCap trains with)."""
+    if step < warmup:
+        return base_lr * step / max(warmup, 1)
+    return base_lr * max(0.0, (total - step) / max(total - warmup, 1))
 
 
 def cosine_lr(step_or_epoch: float, total: float, base_lr: float, min_lr: float = 0.0) -> float:

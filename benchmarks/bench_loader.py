@@ -47,7 +47,7 @@ from bench_train import machine_description  # noqa: E402
 import engine  # noqa: E402
 from data import CaptionTrainDataset, build_eval_transform, build_train_transform, caption_collate  # noqa: E402
 from data.transforms import BlipRandAugment  # noqa: E402
-from models.preprocessing import CLIP_MEAN, CLIP_STD  # noqa: E402
+from imaging import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 
 def make_jpegs(directory: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:

@@ -21,8 +21,8 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from models.preprocessing import CLIP_MEAN, CLIP_STD, eval_transform
-from models.preprocessing import check_image_size as _check_image_size
+from imaging import CLIP_MEAN, CLIP_STD, eval_transform
+from imaging import check_image_size as _check_image_size
 
 # BLIP's `RandomAugment(2, 5, isPIL=True, augs=[...])` op list for captioning, in BLIP's order.
 BLIP_RANDAUGMENT_OPS = (
@@ -162,6 +162,6 @@ def build_eval_transform(image_size: int) -> transforms.Compose:
     """BLIP's evaluation transform: RGB PIL image -> (3, image_size, image_size) float32.
 
     Resize to a square (aspect ratio is not kept, as in BLIP) with bicubic interpolation, then
-    ToTensor and Normalize(CLIP mean/std); defined in ``models.preprocessing``, which the Python API shares.
+    ToTensor and Normalize(CLIP mean/std); defined in ``imaging``, which the Python API shares.
     """
     return eval_transform(image_size)

@@ -8,15 +8,26 @@ from pathlib import Path
 import torch
 
 
+class MetricInputError(ValueError):
+    """A results file, ground truth or metric argument that cannot be scored; the message names the file or key.
+
+    eval_caption.py prints these as one line (no traceback) and exits with status 2.
+    """
+
+
+class MetricInputNotFound(MetricInputError, FileNotFoundError):
+    """A results, ground-truth or image file that does not exist (also a FileNotFoundError)."""
+
+
 def read_json_file(path: str | Path, what: str):
     """Parse a JSON file; a missing file or bad JSON is an error naming ``what`` and the path."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
+        raise MetricInputNotFound(f"{what} not found: {path}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+        raise MetricInputError(f"{what} {path} is not valid JSON: {err}") from None
 
 
 def load_from_source(loaders: dict, source: str, what: str, expected: str) -> dict:

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ._common import batch_slices, hf_features, load_from_source, pad_right, resolve_device
+from imaging import open_rgb, to_rgb
+
+from ._common import MetricInputNotFound, batch_slices, hf_features, load_from_source, pad_right, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +96,9 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Image.Image:
         image = self.images[index]
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
+            return to_rgb(image)
         try:
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
+            return open_rgb(image)
         except (OSError, ValueError) as err:
             raise OSError(f"cannot read image {image}: {err}") from err
 
@@ -116,7 +117,7 @@ def check_image_files(paths: Sequence[ImageInput], what: str = "image files") ->
     """Raise FileNotFoundError naming the missing files (count and the first ten); PIL images pass."""
     missing = [str(p) for p in paths if not isinstance(p, Image.Image) and not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} do not exist, e.g. {missing[:10]}")
+        raise MetricInputNotFound(f"{len(missing)} of {len(paths)} {what} do not exist, e.g. {missing[:10]}")
 
 
 @torch.inference_mode()
@@ -286,7 +287,7 @@ def extra_pool_paths(extra: str | Path | Sequence[str | Path] | None, exclude: S
                                      "or a list of image paths)")
         paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not paths:
-            raise FileNotFoundError(f"extra pool images: no {'/'.join(IMAGE_EXTENSIONS)} files in {folder}")
+            raise MetricInputNotFound(f"extra pool images: no {'/'.join(IMAGE_EXTENSIONS)} files in {folder}")
     else:
         paths = [Path(p) for p in extra]
     check_image_files(paths, "extra pool image files")

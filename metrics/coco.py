@@ -38,7 +38,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from ._common import read_json_file
+from ._common import MetricInputError, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -175,18 +175,18 @@ def read_coco_gt(gt: dict | str | Path) -> tuple[dict, str]:
     else:
         name = "<ground-truth dict>"
     if not isinstance(gt, dict):
-        raise ValueError(f"{name}: expected a COCO caption dict with 'images' and 'annotations', "
+        raise MetricInputError(f"{name}: expected a COCO caption dict with 'images' and 'annotations', "
                          f"got a {type(gt).__name__}")
     for key in ("images", "annotations"):
         if not isinstance(gt.get(key), list):
-            raise ValueError(f"{name}: COCO caption ground truth needs a list under '{key}' "
+            raise MetricInputError(f"{name}: COCO caption ground truth needs a list under '{key}' "
                              f"(found keys: {sorted(gt)})")
     for i, image in enumerate(gt["images"]):
         if not isinstance(image, dict) or "id" not in image:
-            raise ValueError(f"{name}: images[{i}] has no 'id': {image!r}")
+            raise MetricInputError(f"{name}: images[{i}] has no 'id': {image!r}")
     for i, ann in enumerate(gt["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise ValueError(f"{name}: annotations[{i}] needs 'image_id' and a str 'caption': {ann!r}")
+            raise MetricInputError(f"{name}: annotations[{i}] needs 'image_id' and a str 'caption': {ann!r}")
     return gt, name
 
 
@@ -229,9 +229,9 @@ def coco_caption_metrics(
     candidates: dict[Hashable, str] = {}
     for i, entry in enumerate(results):
         if not isinstance(entry, dict) or "image_id" not in entry or not isinstance(entry.get("caption"), str):
-            raise ValueError(f"results[{i}] needs 'image_id' and a str 'caption': {entry!r}")
+            raise MetricInputError(f"results[{i}] needs 'image_id' and a str 'caption': {entry!r}")
         if entry["image_id"] in candidates:
-            raise ValueError(f"results hold image_id {entry['image_id']!r} more than once; "
+            raise MetricInputError(f"results hold image_id {entry['image_id']!r} more than once; "
                              "COCO caption metrics need one caption per image")
         candidates[entry["image_id"]] = entry["caption"]
     ids = [i for i in candidates if i in refs]
@@ -240,10 +240,10 @@ def coco_caption_metrics(
         logger.warning("coco_caption_metrics: %d result image ids are not in %s and are not scored "
                        "(first: %s)", len(unknown), gt_name, unknown[:5])
     if not ids:
-        raise ValueError(f"no result image_id is in {gt_name}; nothing to score")
+        raise MetricInputError(f"no result image_id is in {gt_name}; nothing to score")
     without_refs = [i for i in ids if not refs[i]]
     if without_refs:
-        raise ValueError(f"{gt_name}: {len(without_refs)} scored images have no reference caption "
+        raise MetricInputError(f"{gt_name}: {len(without_refs)} scored images have no reference caption "
                          f"(first: {without_refs[:5]})")
 
     java = java_available()

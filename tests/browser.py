@@ -9,8 +9,9 @@ import importlib.util
 import os
 from pathlib import Path
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# Overridable so that CI can also run the suite as a newcomer without a browser sees it (.ci/run).
+CHROMIUM = Path(os.environ.get("SMILE_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("SMILE_CHROMEDRIVER", "/usr/bin/chromedriver"))
 # --no-sandbox: Chromium refuses to start as root with its sandbox on (containers, CI). Without the
 # background-networking, component-update, sync and QUIC flags Chromium keeps calling Google services, which on
 # an offline machine means a stream of failing connections and slower start-up.
@@ -30,14 +31,13 @@ REQUIRE_ENV = "SMILE_REQUIRE_BROWSER"
 
 
 def browser_unavailable() -> str | None:
-    """Why the browser test cannot run here, or None when it can."""
-    for module in ("gradio", "selenium"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (pip install -r requirements-extra.txt)"
-    for binary, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        if not binary.exists():
-            return f"{binary} is missing (apt install {package})"
-    return None
+    """Why the browser test cannot run here (every missing piece, with its install command), or None when it can."""
+    missing = [f"{module} is not installed (pip install -r requirements-extra.txt)"
+               for module in ("gradio", "selenium") if importlib.util.find_spec(module) is None]
+    missing += [f"{binary} is missing (apt install {package})"
+                for binary, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver"))
+                if not binary.exists()]
+    return "; ".join(missing) or None
 
 
 def require_browser() -> None:

@@ -204,9 +204,16 @@ def test_launch_is_local_private_and_offline():
 def test_missing_browser_skips_here_and_fails_in_ci(monkeypatch):
     import browser
 
+    # Whatever else this machine lacks (a newcomer may have neither the extras nor Chromium), the message names
+    # every missing piece with the command that installs it.
     monkeypatch.setattr(browser, "CHROMEDRIVER", Path("/nonexistent/chromedriver"))
     monkeypatch.delenv(browser.REQUIRE_ENV, raising=False)
-    with pytest.raises(pytest.skip.Exception, match="apt install chromium-driver"):
+    with pytest.raises(pytest.skip.Exception, match="/nonexistent/chromedriver is missing "
+                                                      r"\(apt install chromium-driver\)"):
+        browser.require_browser()
+    monkeypatch.setattr(browser, "CHROMIUM", Path("/nonexistent/chromium"))
+    with pytest.raises(pytest.skip.Exception, match=r"chromium is missing \(apt install chromium\); "
+                                                      r"/nonexistent/chromedriver is missing"):
         browser.require_browser()
     monkeypatch.setenv(browser.REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="SMILE_REQUIRE_BROWSER=1 but"):

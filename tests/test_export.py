@@ -30,7 +30,7 @@ def test_export_reloads_with_stock_classes_and_captions_identically(tmp_path):
     config = engine.resolve_data_paths(engine.load_config(REPO / "configs" / "toy" / "pretrain.yaml", options))
     config["eval"]["max_images"] = 16
     captioner = engine.build_captioner(config, torch.device("cpu"), pretrained=str(checkpoint))
-    loader, _ = engine.build_eval_loader(config, "val", captioner.image_size)
+    loader, _ = engine.build_eval_loader(config, "val", captioner.eval_transform())
     ours = {row["image_id"]: row["caption"] for row in engine.generate_captions(captioner, loader, config, torch.device("cpu"))}
 
     # The same images and decoding settings through stock transformers only.

@@ -7,7 +7,7 @@ import checkpointing
 import engine
 from models import BlipCaptioner, Captioner, CheckpointError
 from models.checkpoint import save_transformers_directory
-from models.preprocessing import eval_transform
+from imaging import eval_transform
 from tests.conftest import FIXTURES
 
 REPO = FIXTURES.parents[1]
@@ -28,7 +28,7 @@ def toy_checkpoint(tmp_path_factory):
 
 def test_training_checkpoint_captions_equal_eval_caption(toy_checkpoint):
     path, config, captioner = toy_checkpoint
-    loader, _ = engine.build_eval_loader(config, "val", captioner.image_size)
+    loader, _ = engine.build_eval_loader(config, "val", captioner.eval_transform())
     expected = [row["caption"] for row in engine.generate_captions(captioner, loader, config, torch.device("cpu"))]
     api = Captioner.from_pretrained(path, device="cpu")
     assert api.generation["max_length"] == config["eval"]["max_length"]  # decoding from the checkpoint's config

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,9 +15,11 @@ import engine
 import eval_caption
 import models
 import train_caption
+import utils
 from checkpointing import LATEST, RunExistsError
-from data import AnnotationError, ImageLoadError, build_coco_gt, ensure_toy_dataset
-from models.checkpoint import load_checkpoint_file
+from data import AnnotationError, CaptionEvalDataset, ImageLoadError, build_coco_gt, ensure_toy_dataset
+from imaging import open_rgb, to_rgb
+from models.checkpoint import load_checkpoint_file, looks_like_hub_id, read_state_dict, save_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "configs" / "toy" / "pretrain.yaml")
@@ -144,3 +147,110 @@ def test_failure_on_one_rank_ends_all_ranks_promptly(toy, tmp_path):
     assert "injected failure on rank 1 at step 2" in completed.stdout + completed.stderr
     assert elapsed < 120, elapsed  # torchrun tears the surviving rank down; nobody waits for the 1-minute timeout
     assert not (tmp_path / "r.json").exists()
+
+
+# Bad inputs found by trying the project as a new user would (issue 12) -----------------------------------------
+
+
+def test_empty_training_set_or_less_than_one_batch_is_refused_before_anything_is_written(toy, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps(json.loads(Path(toy["train_file"]).read_text())[:5]))
+    for train_file, count in ((empty, 0), (few, 5)):
+        run = tmp_path / f"run_{count}"
+        with pytest.raises(utils.ConfigError, match=rf"{train_file.name}.*hold {count} training caption\(s\), fewer "
+                                                    r"than one global batch \(train.batch_size 8 x 1"):
+            train_caption.main(["--config", PRETRAIN, *_opts(toy, run, f"data.train_files=[{train_file}]")])
+        assert not (run / LATEST).exists() and not (run / "summary.json").exists()
+
+
+def test_evaluating_into_a_training_run_writes_only_eval_files(toy, tmp_path):
+    run = tmp_path / "run"
+    train_caption.main(["--config", PRETRAIN, *_opts(toy, run, "train.max_steps=1", "resume=false")])
+    train_log = (run / "train.log").read_text()
+    before = {path.name for path in run.iterdir()}
+    eval_caption.main(["--config", PRETRAIN, *_opts(toy, run, "eval.metrics=[length]"),
+                       "--checkpoint", str(run / "checkpoint_best.safetensors"), "--split", "val"])
+    assert (run / "train.log").read_text() == train_log
+    added = {path.name for path in run.iterdir()} - before
+    assert added and all(name.startswith("eval_") for name in added), added
+    assert "eval_val.log" in added
+
+
+def test_truncated_safetensors_checkpoint_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "weights.safetensors"
+    save_file({"text_decoder.bert.embeddings.word_embeddings.weight": torch.zeros(4, 2)}, str(plain))
+    truncated = tmp_path / "run" / "checkpoint_best.safetensors"
+    truncated.parent.mkdir()
+    truncated.write_bytes(plain.read_bytes()[:40])
+    with pytest.raises(models.CheckpointError, match=rf"cannot read checkpoint {truncated}"):
+        read_state_dict(truncated)
+    assert set(read_state_dict(plain)) == {"text_decoder.bert.embeddings.word_embeddings.weight"}
+
+
+def test_missing_local_checkpoint_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for source in ("runs/missing_best.safetensors", "runs/missing.pth", "./runs/model"):
+        with pytest.raises(models.CheckpointError, match=rf"checkpoint '{source}' not found: no such file"):
+            read_state_dict(source)
+    assert looks_like_hub_id("Salesforce/blip-image-captioning-base")
+    assert looks_like_hub_id("someone/blip-v1.5")
+    assert not looks_like_hub_id("runs/missing_best.safetensors") and not looks_like_hub_id("runs")
+
+
+def test_disk_full_while_writing_a_checkpoint_names_file_and_folder_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    path = tmp_path / "run" / LATEST
+    save_checkpoint_file(path, {"w": torch.ones(2)}, metadata={"step": 1})
+    before = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(models.CheckpointError, match=rf"could not write checkpoint {path} \(in {path.parent}\): .*"
+                                                     "No space left on device"):
+        save_checkpoint_file(path, {"w": torch.zeros(2)}, metadata={"step": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [LATEST]  # no temp file left behind
+
+
+def _sixteen_bit_grey(path: Path) -> Path:
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 65535 // (64 * 64 - 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(path)
+    return path
+
+
+def test_sixteen_bit_greyscale_png_is_rescaled_not_clipped(tmp_path):
+    path = _sixteen_bit_grey(tmp_path / "grey16.png")
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")
+        assert np.asarray(image.convert("RGB")).mean() > 250  # what PIL alone gives: almost white
+    rgb = np.asarray(open_rgb(path), dtype=np.float64)
+    assert rgb.shape == (64, 64, 3) and abs(rgb.mean() - 127.5) < 0.6
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    # Every reader of the project goes through it: datasets, the Python API, CLIP metrics.
+    dataset_image = CaptionEvalDataset.__new__(CaptionEvalDataset)._load_image(path)
+    assert np.array_equal(np.asarray(dataset_image), rgb.astype(np.uint8))
+    assert np.array_equal(np.asarray(models.Captioner.load_image(path)), rgb.astype(np.uint8))
+    assert (np.asarray(to_rgb(Image.fromarray(np.full((2, 2), 1.0, np.float32), mode="F"))) == 255).all()
+
+
+def test_exif_orientation_applies_to_user_images_but_not_to_the_datasets(tmp_path):
+    # Stored 40 wide x 20 high, tagged "rotate 90 CW to display" (orientation 6): shown 20 wide x 40 high.
+    stored = Image.new("RGB", (40, 20), "red")
+    stored.paste(Image.new("RGB", (20, 20), "blue"), (0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=95)
+    assert models.Captioner.load_image(path).size == (20, 40)
+    assert open_rgb(path, exif_transpose=True).size == (20, 40)
+    assert CaptionEvalDataset.__new__(CaptionEvalDataset)._load_image(path).size == (40, 20)  # as BLIP reads it
