@@ -17,6 +17,11 @@ to stop early ("a red circle"). SMILE computes each reference's likelihood over 
 reference's own tokens, so a terse reference no longer pulls probability away from detail words
 it does not contain while rich references still pull towards them: it should keep describing.
 
+Ground truth of what each image shows: the val/test annotation entries and the val/test COCO-format GT
+files' ``images`` entries carry ``"toy_scene"`` (`Scene.attributes`: colour, shape, size, position,
+background), and the GT files carry ``"toy_grammar"`` (`toy_grammar`: the phrases naming each value), so
+metrics.toy_grounding scores whether a caption's attributes are right from the GT file alone.
+
 Ids: image i is ``images/toy_{i:06d}.png`` with integer id i; train images come first, then
 val, then test, so ids are unique across splits. Everything is a pure function of the
 arguments (per-image generators are seeded from (seed, i)), so two builds are byte-identical.
@@ -55,7 +60,8 @@ from data.datasets import build_coco_gt
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: val/test entries and GT images carry "toy_scene"; the GT files carry "toy_grammar" (metrics.toy_grounding).
+FORMAT_VERSION = 2
 GENERATOR_NAME = "smile-toy"
 IMAGE_SIZE = 64
 NUM_REFERENCES = 5
@@ -111,7 +117,29 @@ UNIT_POLYGONS = {
 SHAPES = ("circle", "square", "triangle", "star")
 
 DETAIL_KINDS = ("size", "position", "background")
+# The attributes a scene is scored on by metrics.toy_grounding, in its key order.
+ATTRIBUTES = ("colour", "shape", "size", "position", "background")
 SPLITS = ("train", "val", "test")
+
+
+def toy_grammar() -> dict[str, dict[str, list[str]]]:
+    """``{attribute: {value: [phrase, ...]}}``: the words that name each attribute value in a caption.
+
+    The first phrase is the one the references use; the others are the phrase's head ("left", "grey
+    background"), so that a caption that names a value in a form the references never use ("to the middle",
+    which SMILE-trained toy models produce) still counts as naming it. Stored in the val/test GT files as
+    ``"toy_grammar"`` so that metrics.toy_grounding needs only the GT file. Every phrase is lower case and
+    maps to one (attribute, value); "white" and "black" are both shape and background colours, but a
+    background is only ever named inside "... background", which a parser matching longest phrases first
+    reads before the colour word inside it.
+    """
+    return {
+        "colour": {name: [name] for name in sorted(SHAPE_COLOURS)},
+        "shape": {name: [name] for name in SHAPES},
+        "size": {name: [name] for name in sorted(SIZE_RADII)},
+        "position": {name: [phrase, name] for name, (_, phrase) in sorted(POSITIONS.items())},
+        "background": {name: [f"on a {name} background", f"{name} background"] for name in sorted(BACKGROUND_COLOURS)},
+    }
 
 
 @dataclass(frozen=True)
@@ -124,6 +152,10 @@ class Scene:
     position: str
     background: str
     centre: tuple[int, int]
+
+    def attributes(self) -> dict[str, str]:
+        """``{attribute: value}`` for ATTRIBUTES: what the GT files store as ``"toy_scene"``."""
+        return {name: getattr(self, name) for name in ATTRIBUTES}
 
     def caption(self, details: frozenset[str]) -> str:
         """The reference naming colour, shape and the given subset of DETAIL_KINDS."""
@@ -234,6 +266,7 @@ def _write_dataset(directory: Path, manifest: dict) -> None:
     paths = toy_paths(directory)
     (directory / "images").mkdir()
     annotations: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    scenes: dict[int, dict[str, str]] = {}  # image id -> attributes, for the val/test GT files
     vocabulary = set(PROMPT_WORDS)
     ranges = _split_ranges(manifest["num_train"], manifest["num_val"], manifest["num_test"])
     for split, image_ids in ranges.items():
@@ -252,12 +285,17 @@ def _write_dataset(directory: Path, manifest: dict) -> None:
                     for reference in references
                 ]
             else:
-                annotations[split].append({"image": image_path, "caption": references})
+                scenes[image_id] = scene.attributes()
+                annotations[split].append({"image": image_path, "caption": references, "toy_scene": scenes[image_id]})
 
     for split in SPLITS:
         _write_json(paths[f"{split}_file"], annotations[split])
     for split in ("val", "test"):
-        _write_json(paths[f"{split}_gt"], build_coco_gt(paths[f"{split}_file"]))
+        gt = build_coco_gt(paths[f"{split}_file"])
+        for image in gt["images"]:
+            image["toy_scene"] = scenes[image["id"]]
+        gt["toy_grammar"] = toy_grammar()
+        _write_json(paths[f"{split}_gt"], gt)
     paths["vocab_file"].write_text("\n".join([*SPECIAL_TOKENS, *sorted(vocabulary)]) + "\n", encoding="utf-8")
     _write_json(directory / "manifest.json", manifest)
 

@@ -4,6 +4,7 @@
     python scripts/prepare_data.py coco --root datasets/coco --annotations-from ~/blip_annotations
     python scripts/prepare_data.py flickr30k --root datasets/flickr30k --image-root /data/flickr30k
     python scripts/prepare_data.py coco --root datasets/coco --check-only      # write nothing, only check
+    python scripts/prepare_data.py finecapeval --root datasets/finecapeval     # FineCapEval: see prepare_finecapeval
 
 Steps:
 1. Annotations: copy them from ``--annotations-from DIR``, or download the ones ROOT/annotations lacks from
@@ -18,6 +19,8 @@ Steps:
    images of their split; the number of images per split matches the Karpathy split (a warning otherwise,
    ``--no-expect-counts`` silences it for miniature or custom splits).
 4. Prints the config overrides that point a run at these files.
+5. COCO: says where CHAIR's instance annotations go (ROOT/annotations/instances_val2014.json, from COCO's
+   annotations_trainval2014.zip; not downloaded) and whether they are there.
 
 Exit status: 0 when everything is in place, 1 for missing images or inconsistent files, 2 for usage errors.
 """
@@ -271,6 +274,72 @@ def write_json_atomic(path: Path, payload: object) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FineCapEval (user-supplied: nothing is downloaded)
+# ----------------------------------------------------------------------------------------------------------------
+FINECAPEVAL = "finecapeval"
+
+
+def prepare_finecapeval(root: Path, image_root: Path | None, check_only: bool, show: int) -> int:
+    """Check ROOT/FineCapEval.csv and its images; write the files a config-mode evaluation reads.
+
+    The CSV is read as the FineCapEval scorer reads it (`metrics.finecapeval.read_finecapeval_csv`: the five
+    columns must be there; rows with a missing cell are dropped). Every file its ``image`` column names must exist
+    under the image root (default ROOT/images). Unless ``check_only``, writes ROOT/annotations/finecapeval_test.json
+    (one ``{"image", "caption": [references]}`` entry per scored image) and finecapeval_test_gt.json (COCO format,
+    integer ids from the file names' trailing digits as for COCO and Flickr30K, plus ``file_name``): the engine's
+    eval loader uses integer ids, and the finecapeval metric matches images to CSV rows by ``file_name``.
+
+    Returns:
+        The exit status: 0 ready, 1 for a bad CSV or missing images.
+    """
+    from metrics.finecapeval import FineCapEvalError, read_finecapeval_csv
+
+    csv_path = root / "FineCapEval.csv"
+    image_root = image_root if image_root is not None else root / "images"
+    try:
+        data = read_finecapeval_csv(csv_path)
+    except (FileNotFoundError, FineCapEvalError) as error:
+        print(f"prepare_data: {error}", file=sys.stderr)
+        return 1
+    files = sorted(data.all_file_names)
+    missing = [name for name in files if not (image_root / name).is_file()]
+    print(f"{csv_path}: {len(files)} images, {len(data.file_names)} scored; {len(data.dropped_rows)} rows dropped "
+          f"for a missing cell (as the FineCapEval scorer does)")
+    if missing:
+        print(f"prepare_data: FineCapEval is not ready: {len(missing)} of {len(files)} images are missing under "
+              f"{image_root} (first: {missing[:show]})", file=sys.stderr)
+        return 1
+    if not data.file_names:
+        print(f"prepare_data: {csv_path}: every row has a missing cell; nothing to score", file=sys.stderr)
+        return 1
+    if check_only:
+        print("FineCapEval is ready (--check-only: nothing written).")
+        return 0
+    entries = [{"image": name, "caption": data.captions[stem]} for stem, name in data.file_names.items()]
+    ann_dir = root / "annotations"
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ids = [image_id_from_path(entry["image"]) for entry in entries]
+    except ValueError as error:
+        print(f"prepare_data: {csv_path}: {error}; the config-mode evaluation needs integer ids (scoring a results "
+              f"file with eval_caption.py --finecapeval does not)", file=sys.stderr)
+        return 1
+    if len(set(ids)) < len(ids):
+        print(f"prepare_data: {csv_path}: two images share an integer id from their file names", file=sys.stderr)
+        return 1
+    write_json_atomic(ann_dir / "finecapeval_test.json", entries)
+    try:
+        gt = build_coco_gt(ann_dir / "finecapeval_test.json")
+    except AnnotationError as error:
+        print(f"prepare_data: {error}", file=sys.stderr)
+        return 1
+    write_json_atomic(ann_dir / "finecapeval_test_gt.json", gt)
+    print(f"wrote {ann_dir / 'finecapeval_test.json'} and {ann_dir / 'finecapeval_test_gt.json'} "
+          f"({len(gt['images'])} images, {len(gt['annotations'])} captions)\nFineCapEval is ready.")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -344,10 +413,25 @@ def overrides(spec: DatasetSpec, ann_dir: Path, image_root: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# CHAIR (metrics/chair.py) reads COCO's own instance annotations, which BLIP's bucket does not carry. Not
+# downloaded here: the zip is large and optional; this only says where the file goes and whether it is there.
+COCO_INSTANCES = "instances_val2014.json"
+
+
+def report_coco_instances(ann_dir: Path) -> bool:
+    """Print where CHAIR's instances file goes and whether it is there (never a failure: CHAIR is optional)."""
+    path = ann_dir / COCO_INSTANCES
+    present = path.is_file()
+    print(f"CHAIR (--metrics chair): COCO instance annotations {path}: {'present' if present else 'MISSING'}"
+          + ("" if present else f" (optional: {COCO_INSTANCES} from the COCO 2014 annotations zip, "
+             "annotations_trainval2014.zip, into that folder)"))
+    return present
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("dataset", choices=sorted([*DATASETS, FINECAPEVAL]))
     parser.add_argument("--root", type=Path, required=True, help="dataset folder; annotations go to ROOT/annotations")
     parser.add_argument("--image-root", type=Path,
                         help="folder the annotations' image paths are relative to (default ROOT/images)")
@@ -370,6 +454,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.dataset == FINECAPEVAL:
+        return prepare_finecapeval(args.root, args.image_root, args.check_only, args.show)
     spec = DATASETS[args.dataset]
     ann_dir = args.root / "annotations"
     image_root = args.image_root if args.image_root is not None else args.root / "images"
@@ -378,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             fetch_annotations(spec, ann_dir, args.annotations_from, args.base_url, args.force, args.timeout)
             write_gt_files(spec, ann_dir)
         problems = check(spec, ann_dir, image_root, args.expect_counts, args.show)
+        if spec.name == "coco":
+            report_coco_instances(ann_dir)
     except PrepareError as error:
         print(f"prepare_data: {error}", file=sys.stderr)
         return 1

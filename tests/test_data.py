@@ -562,7 +562,13 @@ def test_toy_gt_loads_with_pycocotools(toy_paths):
         coco = COCO(str(toy_paths[f"{split}_gt"]))
         assert len(coco.getImgIds()) == count
         assert len(coco.getAnnIds()) == 5 * count
-        assert read_json(toy_paths[f"{split}_gt"]) == build_coco_gt(toy_paths[f"{split}_file"])
+        # build_coco_gt's GT plus what metrics.toy_grounding needs: each image's scene and the toy grammar.
+        gt, built = read_json(toy_paths[f"{split}_gt"]), build_coco_gt(toy_paths[f"{split}_file"])
+        assert gt.pop("toy_grammar") == toy.toy_grammar()
+        scenes = [image.pop("toy_scene") for image in gt["images"]]
+        assert gt == built
+        assert scenes == [entry["toy_scene"] for entry in read_json(toy_paths[f"{split}_file"])]
+        assert all(set(scene) == set(toy.ATTRIBUTES) for scene in scenes)
 
 
 def test_toy_feeds_the_datasets(toy_paths):

@@ -1,0 +1,65 @@
+"""Toy stand-ins for the pre-trained CLIP and GPT-2, built from the toy dataset on first use and cached.
+
+The toy "pre-trained" BLIP is a training recipe (configs/toy/pretrain.yaml); these two are not captioners and
+not metrics, so they live here, beside both: ``toy_pretrained.clip`` and ``toy_pretrained.gpt2`` each train a
+tiny transformers model on the toy train split and save it, with its tokenizer, as an ordinary transformers
+directory that metrics/ loads like a hub model. `ensure_for_config` is what the toy flow calls
+(engine.resolve_data_paths).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from toy_pretrained.clip import ToyClipRecipe, ensure_toy_clip
+from toy_pretrained.gpt2 import ToyGpt2Recipe, ensure_toy_gpt2
+
+CLIP_GROUPS = frozenset({"retrieval", "clipscore"})
+GPT2_GROUPS = frozenset({"ppl"})
+
+
+def _needs(config: dict) -> dict[str, set]:
+    """Which config keys name a toy CLIP / GPT-2 this run will load: evaluation metrics, SCST rewards, and the
+    parts of a prefix captioner (model.family: prefix)."""
+    groups = set(config["eval"]["metrics"])
+    objective = config.get("objective")
+    scst = objective.get("scst") if isinstance(objective, dict) else None
+    rewards = (scst or {}).get("reward", "cider_d") if isinstance(objective, dict) and "scst" in objective else ()
+    reward_names = {rewards} if isinstance(rewards, str) else set(rewards)
+    needs = {"clip": set(), "gpt2": set()}
+    if groups & CLIP_GROUPS or reward_names & {"clip_s", "ref_clip_s"}:
+        needs["clip"].add(config["eval"]["clip_model"])
+    if groups & GPT2_GROUPS:
+        needs["gpt2"].add(config["eval"]["ppl_model"])
+    if config.get("model", {}).get("family") == "prefix":
+        prefix = config["model"].get("prefix") or {}
+        for kind in ("clip", "gpt2"):
+            if isinstance(prefix.get(kind), str):
+                needs[kind].add(prefix[kind])
+    return needs
+
+
+def ensure_for_config(config: dict) -> list[Path]:
+    """Build the toy CLIP / GPT-2 a toy run needs; returns the folders built or checked.
+
+    A model is built (or its cache checked against the recipe) only when ``data.toy`` is set, the run needs it
+    (an ``eval.metrics`` group, an SCST reward, or a prefix captioner's ``model.prefix.clip`` / ``gpt2``), and
+    the folder named there sits beside ``data.toy_root`` (the toy cache, e.g. ``cache/toy_clip`` beside
+    ``cache/toy``) and is missing or holds a build of ours (a ``manifest.json``). Hub ids and other local models
+    are left alone.
+    """
+    if not config["data"]["toy"]:
+        return []
+    toy_root = Path(config["data"]["toy_root"]).absolute()
+    built = []
+    for kind, sources in _needs(config).items():
+        ensure = ensure_toy_clip if kind == "clip" else ensure_toy_gpt2
+        for source in sorted(sources):
+            folder = Path(source).absolute()
+            if folder.parent != toy_root.parent:
+                continue
+            if not folder.exists() or (folder / "manifest.json").is_file():
+                built.append(ensure(folder, toy_root))
+    return built
+
+
+__all__ = ["ToyClipRecipe", "ToyGpt2Recipe", "ensure_for_config", "ensure_toy_clip", "ensure_toy_gpt2"]

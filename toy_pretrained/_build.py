@@ -1,0 +1,168 @@
+"""What the toy CLIP and GPT-2 builders share: the cached, atomic, locked build and the word-level tokenizer.
+
+A build writes a whole transformers directory into a temporary sibling folder and renames it into place, so a
+reader never sees half a model; ``manifest.json`` (written last) records the recipe, the toy dataset it was
+trained on and FORMAT_VERSION, and a folder whose manifest does not match is rebuilt. A lock file beside the
+folder (fcntl.flock, POSIX) makes concurrent callers (torchrun ranks) wait for one builder and reuse its work.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "[UNK]"
+# CLIPScore prepends "A photo depicts"; BLIP prompts with "a picture of". Lower-cased by the tokenizers.
+EXTRA_WORDS = ("a", "photo", "depicts", "picture", "of")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def toy_words(captions: Iterable[str]) -> list[str]:
+    """The sorted lower-case words of `captions` plus EXTRA_WORDS: the toy tokenizers' vocabulary."""
+    words = set(EXTRA_WORDS)
+    for caption in captions:
+        words.update(_WORD.findall(caption.lower()))
+    return sorted(words)
+
+
+def word_level_tokenizer(words: list[str], specials: list[str], add_bos_eos: bool, model_max_length: int,
+                         bos: str | None, eos: str, pad: str):
+    """A `PreTrainedTokenizerFast` over whole words: ids 0.. are `specials`, then `words`.
+
+    Lower-cases its input and splits on whitespace and punctuation (each punctuation mark is its own token,
+    [UNK] here: the toy captions have none); a word outside `words` becomes [UNK]. With `add_bos_eos` the
+    tokenizer wraps every text as ``bos text eos`` (what CLIP's tokenizer does); without, it adds nothing (as
+    GPT-2's; the perplexity metric prepends BOS itself). Saved with ``tokenizer_class:
+    PreTrainedTokenizerFast``, which AutoTokenizer loads in transformers 4.57+ and 5.x alike.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate([*specials, *words])}
+    if len(vocab) != len(specials) + len(words):
+        raise ValueError("a special token is also a word of the toy vocabulary")
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if add_bos_eos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   unk_token=UNK, model_max_length=model_max_length)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(folder)
+    # transformers 5 writes its own class name ("TokenizersBackend"), which 4.x does not know.
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+def toy_dataset_manifest(toy_root: Path) -> dict:
+    """The toy set's own manifest.json: part of every recipe, so a rebuilt toy set means a rebuilt model."""
+    manifest = read_json(Path(toy_root) / "manifest.json", "toy dataset manifest")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{toy_root}/manifest.json should hold a dict, got {type(manifest).__name__}")
+    return manifest
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _matches(folder: Path, recipe: dict, required: Iterable[str]) -> bool:
+    manifest = _read_manifest(folder)
+    if manifest is None or {key: manifest.get(key) for key in recipe} != recipe:
+        return False
+    return all((folder / name).is_file() for name in required)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    # Never deleted: removing it while another process waits would let a third lock a fresh inode.
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_built(folder: str | Path, recipe: dict, required: Iterable[str],
+                 build: Callable[[Path], dict]) -> Path:
+    """Run ``build(tmp_folder) -> report`` unless `folder` already holds a build of `recipe`; return `folder`.
+
+    The manifest is ``{**recipe, "report": report, "build_seconds": s}``; only the recipe decides reuse.
+
+    Raises:
+        FileExistsError: `folder` exists, is not empty, and holds no build of this `recipe["generator"]`
+            (it is never deleted).
+    """
+    required = tuple(required)
+    folder = Path(folder).absolute()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(folder.parent / f"{folder.name}.lock"):
+        if _matches(folder, recipe, required):
+            return folder
+        if folder.exists():
+            existing = _read_manifest(folder)
+            if not folder.is_dir() or (any(folder.iterdir()) and (existing or {}).get("generator") != recipe["generator"]):
+                raise FileExistsError(f"{folder} exists and holds no {recipe['generator']} build (no matching "
+                                      "manifest.json); refusing to replace it (delete it or name another folder)")
+        prefix = f".{folder.name}.building-"
+        for leftover in folder.parent.glob(f"{prefix}*"):  # from a killed builder: we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        started = time.perf_counter()
+        building = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
+        try:
+            report = build(building)
+            manifest = {**recipe, "report": report, "build_seconds": round(time.perf_counter() - started, 1)}
+            (building / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+            os.chmod(building, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+            if folder.exists():
+                stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
+                os.rename(folder, stale / "old")
+                os.rename(building, folder)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.rename(building, folder)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        logger.info("built %s in %.1f s: %s", folder, manifest["build_seconds"], report)
+    return folder
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warmup over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
