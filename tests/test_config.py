@@ -64,5 +64,8 @@ def test_missing_file_and_inheritance_loop_are_named(tmp_path):
 def test_every_shipped_config_validates():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):
-        engine.load_config(path)
+    configs = Path(__file__).parents[1] / "configs"
+    # configs/grammar_clip/ holds scripts/train_grammar_clip.py's own settings (tests/test_train_grammar_clip.py).
+    for path in sorted(configs.rglob("*.yaml")):
+        if path.parent.name != "grammar_clip":
+            engine.load_config(path)
