@@ -1,26 +1,33 @@
-"""BLIP captioner, checkpoint loading/conversion, SDPA attention, caption objectives and the inference API.
+"""BLIP and prefix-LM (ClipCap) captioners, checkpoints, SDPA attention, caption objectives and the inference API.
 
 Imports nothing from data/ or metrics/.
 """
 from .attention import ATTENTION_IMPLEMENTATIONS, attention_of, set_attention
 from .captioner import ARCHITECTURES, BlipArchitecture, BlipCaptioner, build_tokenizer, resolve_architecture
 from .checkpoint import CheckpointError, convert_original_state_dict, load_pretrained
+from .families import CAPTIONER_FAMILIES, CaptionModel
 from .inference import Captioner
 from .objectives import IGNORE_INDEX, OBJECTIVES, CaptionObjective
+from .prefix_captioner import PrefixCaptioner, PrefixConfig, load_clipcap_checkpoint
 
 __all__ = [
     "ARCHITECTURES",
     "ATTENTION_IMPLEMENTATIONS",
     "BlipArchitecture",
     "BlipCaptioner",
+    "CAPTIONER_FAMILIES",
+    "CaptionModel",
     "Captioner",
     "CaptionObjective",
     "CheckpointError",
     "IGNORE_INDEX",
     "OBJECTIVES",
+    "PrefixCaptioner",
+    "PrefixConfig",
     "attention_of",
     "build_tokenizer",
     "convert_original_state_dict",
+    "load_clipcap_checkpoint",
     "load_pretrained",
     "resolve_architecture",
     "set_attention",

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
+from imaging import eval_transform
+
 from .attention import attention_of, set_attention
 from .objectives import IGNORE_INDEX, CaptionObjective
 
@@ -190,6 +192,41 @@ class BlipCaptioner(nn.Module):
         set_attention(model, attention)
         return cls(model, tokenizer, prompt=prompt, max_text_length=max_text_length, text_padding=text_padding)
 
+    @classmethod
+    def from_config(cls, model_config: dict) -> "BlipCaptioner":
+        """Build from a resolved config's ``model`` section (``model.family: blip``); random weights."""
+        return cls.build(
+            arch=model_config["arch"],
+            image_size=model_config["image_size"],
+            tokenizer=model_config["tokenizer"],
+            prompt=model_config["prompt"],
+            max_text_length=model_config["max_text_length"],
+            gradient_checkpointing=model_config.get("gradient_checkpointing", False),
+            attention=model_config.get("attention", "sdpa"),
+            text_padding=model_config.get("text_padding", "longest"),
+        )
+
+    def load_pretrained(self, source: str, model_config: dict) -> None:
+        """Load ``source`` (any kind ``model.pretrained`` accepts, see models/checkpoint.py) into the weights."""
+        from .checkpoint import load_pretrained
+
+        load_pretrained(self, source, cache_dir=Path(model_config["cache_dir"]).expanduser(),
+                        strict=model_config["strict_loading"], sha256=model_config["pretrained_sha256"])
+
+    def eval_transform(self):
+        """BLIP's evaluation preprocessing at this model's image size (bicubic squash, CLIP mean/std)."""
+        return eval_transform(self.image_size)
+
+    def cached_feature_key(self, transform_description: str) -> None:
+        """Always None: BLIP fine-tunes its ViT, so its image features change every step and are never cached
+        (data.feature_cache; see ``PrefixCaptioner.cached_feature_key``)."""
+        return None
+
+    @property
+    def max_positions(self) -> int:
+        """The decoder's position limit: the largest ``max_length`` (prompt included) it can generate."""
+        return self.model.config.text_config.max_position_embeddings
+
     @property
     def attention(self) -> str:
         """The attention implementation in use, read from the modules: "sdpa", "eager" (or "mixed")."""
@@ -259,8 +296,12 @@ class BlipCaptioner(nn.Module):
         attention_mask: torch.Tensor,
         targets: torch.Tensor | None = None,
         objective: CaptionObjective | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Decoder logits (B, L - 1, V), or with ``objective`` the loss: ``(total, {name: part})``.
+
+        ``image_index`` (B,) gives each caption row the row of its image in ``pixel_values`` (I, 3, S, S), so
+        that several captions of one image (SCST's samples) share one ViT pass; default one caption per image.
 
         Without an objective, ``logits[:, t]`` scores ``input_ids[:, t + 1]``. With one, ``targets`` (B, L - 1)
         from ``build_targets`` are required. When every part of the objective can be computed from the LM head's
@@ -272,15 +313,15 @@ class BlipCaptioner(nn.Module):
         if objective is None:
             if targets is not None:
                 raise ValueError("targets given without an objective: pass objective= to get the loss")
-            return self._decoder_logits(pixel_values, input_ids, attention_mask)
+            return self._decoder_logits(pixel_values, input_ids, attention_mask, image_index)
         if targets is None:
             raise ValueError("an objective needs targets: pass targets=captioner.build_targets(...)")
         if not objective.supports_features:
-            return objective(self._decoder_logits(pixel_values, input_ids, attention_mask), targets)
+            return objective(self._decoder_logits(pixel_values, input_ids, attention_mask, image_index), targets)
         hidden = self.model.text_decoder.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            encoder_hidden_states=self.encode_images(pixel_values),
+            encoder_hidden_states=self._image_tokens(pixel_values, image_index),
             use_cache=False,
             is_decoder=True,
         ).last_hidden_state[:, :-1]  # (B, L - 1, D): the last position predicts nothing
@@ -288,8 +329,12 @@ class BlipCaptioner(nn.Module):
         features = head.transform(hidden)  # dense + gelu + LayerNorm, as before the full projection
         return objective.from_features(features, head.decoder.weight, head.decoder.bias, targets)
 
-    def _decoder_logits(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+    def _image_tokens(self, pixel_values: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
         image_embeds = self.encode_images(pixel_values)
+        return image_embeds if image_index is None else image_embeds.index_select(0, image_index)
+
+    def _decoder_logits(self, pixel_values, input_ids, attention_mask, image_index=None) -> torch.Tensor:
+        image_embeds = self._image_tokens(pixel_values, image_index)
         output = self.model.text_decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -315,15 +360,45 @@ class BlipCaptioner(nn.Module):
         search unless ``sample``; sampling is nucleus sampling with ``top_p`` and one sequence per image (with
         transformers' default top-k of 50 also applied, as it was under BLIP's transformers 4.15).
         """
-        image_embeds = self.encode_images(pixel_values)
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        prompt_ids, _ = self.tokenize([""] * pixel_values.shape[0], padding="longest")
-        prompt_ids = prompt_ids[:, :-1]  # drop the [SEP] that closes the (empty) caption
         options = dict(max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
         if sample:
             options.update(do_sample=True, top_p=top_p, top_k=50, num_beams=1)
         else:
             options.update(do_sample=False, num_beams=num_beams)
+        return self._decoder_generate(pixel_values, **options)
+
+    @torch.no_grad()
+    def sample_ids(self, pixel_values: torch.Tensor, num_samples: int = 1, max_new_tokens: int = 20,
+                   greedy: bool = False) -> torch.Tensor:
+        """SCST rollouts: (B * num_samples, L) ids in ``tokenize``'s layout (bos + prompt + caption + [SEP]),
+        image-major (the samples of image 0 first), padded after [SEP]; ``sequence_mask`` gives their mask.
+
+        Sampling is multinomial over the whole vocabulary at temperature 1 (no top-k, no nucleus), as SCST's
+        reference; ``greedy`` takes the argmax instead (the self-critical baseline). ``max_new_tokens`` counts
+        caption tokens after the prompt, [SEP] included. Each image goes through the ViT once.
+        """
+        options = dict(max_new_tokens=max_new_tokens, min_length=0, num_beams=1, num_return_sequences=num_samples)
+        if greedy:
+            options.update(do_sample=False)
+        else:
+            options.update(do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+        return self._decoder_generate(pixel_values, **options)
+
+    def sequence_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """Attention mask (B, L) of generated ids: 1 through a caption's first [SEP], 0 on the padding after."""
+        return (~self._after_first_sep(ids)).long()
+
+    def _after_first_sep(self, ids: torch.Tensor) -> torch.Tensor:
+        is_sep = ids == self.tokenizer.sep_token_id
+        is_sep[:, : self.prompt_length] = False
+        return (is_sep.cumsum(dim=1) - is_sep.long()) > 0
+
+    def _decoder_generate(self, pixel_values: torch.Tensor, **options) -> torch.Tensor:
+        """transformers' ``generate`` on the decoder from the prompt, [SEP] ending a caption; [PAD] after it."""
+        image_embeds = self.encode_images(pixel_values)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        prompt_ids, _ = self.tokenize([""] * pixel_values.shape[0], padding="longest")
+        prompt_ids = prompt_ids[:, :-1]  # drop the [SEP] that closes the (empty) caption
         generated = self.model.text_decoder.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
@@ -335,10 +410,7 @@ class BlipCaptioner(nn.Module):
             **options,
         )
         # Some transformers versions fill finished beams with [SEP] rather than [PAD]; normalise to BLIP's layout.
-        is_sep = generated == self.tokenizer.sep_token_id
-        is_sep[:, : self.prompt_length] = False
-        after_first_sep = (is_sep.cumsum(dim=1) - is_sep.long()) > 0
-        return generated.masked_fill(after_first_sep, self.tokenizer.pad_token_id)
+        return generated.masked_fill(self._after_first_sep(generated), self.tokenizer.pad_token_id)
 
     def decode(self, generated_ids: torch.Tensor) -> list[str]:
         """Strip the prompt tokens and decode; special tokens ([SEP], [PAD], [UNK]) are dropped as in BLIP."""

@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "smile_blip"
 
 _POSITION_EMBEDDING = "vision_model.embeddings.position_embedding"
-# Tied to the word embeddings / prediction bias; transformers' own checkpoints may omit them.
-_TIED_KEYS = {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"}
+# Tied to the word embeddings / prediction bias (BLIP's LM head; GPT-2's lm_head and wte): saved once, loaded
+# through the tensor they are tied to; transformers' own checkpoints may omit them.
+_TIED_KEYS = {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias",
+              "gpt.lm_head.weight"}
 
 # Original timm-ViT names (after "visual_encoder.") -> BlipVisionModel names (after "vision_model.").
 _VISION_RENAMES = [
@@ -219,6 +221,7 @@ def save_checkpoint_file(path: str | Path, model_state: dict[str, torch.Tensor],
 
     Tied weights (the LM head shares the word embeddings) are stored once: safetensors refuses aliases.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     payload = {MODEL_PREFIX + key: value.detach().contiguous() for key, value in model_state.items()
@@ -235,8 +238,11 @@ def save_checkpoint_file(path: str | Path, model_state: dict[str, torch.Tensor],
     try:
         save_file({k: v.cpu() for k, v in payload.items()}, temporary, metadata=header)
         publish_file(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, (OSError, SafetensorError)):  # e.g. the disk is full: name the file and the folder
+            raise CheckpointError(f"could not write checkpoint {path} (in {path.parent.absolute()}): {error}. "
+                                  f"Any earlier file at that path is unchanged.") from error
         raise
 
 
@@ -283,7 +289,10 @@ def read_state_dict(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DI
                 return load_checkpoint_file(path)[0]
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            try:  # a plain safetensors state dict (e.g. a transformers model.safetensors) ...
+                return load_file(str(path))
+            except Exception as error:  # ... or a truncated / foreign file: say which one
+                raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # an UnpicklingError names the refused global; keep it in the message
@@ -294,11 +303,22 @@ def read_state_dict(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DI
         return convert_original_state_dict(state_dict) if is_original_layout(state_dict) else state_dict
     if path.exists() and not (path / "config.json").exists():
         raise CheckpointError(f"{path} is a directory without config.json: not a transformers model directory")
-    if not path.exists() and source.count("/") != 1:
-        raise CheckpointError(f"pretrained source {source!r}: no such file or directory, and not a hub id or URL")
+    if not path.exists() and not looks_like_hub_id(source):
+        raise CheckpointError(f"checkpoint {source!r} not found: no such file or directory "
+                              f"({path.absolute()}), and not a hub id (owner/name) or URL")
     from transformers import BlipForConditionalGeneration
 
     return BlipForConditionalGeneration.from_pretrained(source).state_dict()
+
+
+# File suffixes of checkpoints: a missing "runs/x_best.safetensors" is a missing local file, not a hub repository.
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` that is not a local path: one slash, no checkpoint suffix, not absolute, dotted or ``~``."""
+    return (source.count("/") == 1 and not source.startswith((".", "/", "~", "http:", "https:"))
+            and Path(source).suffix not in CHECKPOINT_SUFFIXES and not Path(source).exists())
 
 
 def load_pretrained(captioner, source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR,
@@ -321,7 +341,7 @@ def save_transformers_directory(captioner, output_dir: str | Path) -> Path:
 
     from transformers import BlipImageProcessor, BlipProcessor
 
-    from .preprocessing import CLIP_MEAN, CLIP_STD
+    from imaging import CLIP_MEAN, CLIP_STD
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -19,17 +19,20 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from imaging import open_rgb, to_rgb
+
 from .attention import set_attention
 from .captioner import DEFAULT_PROMPT, DEFAULT_TOKENIZER, BlipCaptioner, build_tokenizer
+from .families import CAPTIONER_FAMILIES
 from .checkpoint import (
     DEFAULT_CACHE_DIR,
     CheckpointError,
     is_own_checkpoint,
+    looks_like_hub_id,
     apply_state_dict,
     load_checkpoint_file,
     load_pretrained,
 )
-from .preprocessing import eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class Captioner:
         # The library default (75) can exceed a small model's text positions (the tiny preset has 64).
         self.generation["max_length"] = min(self.generation["max_length"], self.max_positions)
         self.amp = self.device.type == "cuda" and (amp is None or bool(amp))
-        self.transform = eval_transform(model.image_size)
+        self.transform = model.eval_transform()
 
     @property
     def image_size(self) -> int:
@@ -68,8 +71,8 @@ class Captioner:
 
     @property
     def max_positions(self) -> int:
-        """The decoder's position limit: the largest ``max_length`` (prompt included) it can generate."""
-        return self.model.model.config.text_config.max_position_embeddings
+        """The largest ``max_length`` the model can generate (BLIP: decoder positions, prompt included)."""
+        return self.model.max_positions
 
     @classmethod
     def from_pretrained(
@@ -103,7 +106,7 @@ class Captioner:
         if path.is_file() and is_own_checkpoint(path):
             model, generation, trained_amp = _from_training_checkpoint(path, tokenizer, prompt, attention)
             amp = trained_amp if amp is None else amp
-        elif path.is_dir() or _looks_like_hub_id(source_text):
+        elif path.is_dir() or looks_like_hub_id(source_text):
             if path.is_dir() and not (path / "config.json").exists():
                 raise CheckpointError(f"{path} is a directory without config.json: not a transformers model directory")
             model = _from_transformers(source_text, tokenizer, prompt, attention)
@@ -117,10 +120,11 @@ class Captioner:
 
     @staticmethod
     def load_image(path: str | Path) -> Image.Image:
-        """The RGB image at ``path``; a missing or undecodable file raises ``ValueError`` naming it."""
+        """The RGB image at ``path``, turned upright by its EXIF orientation (a phone photo is captioned as it is
+        shown, unlike the training data, see ``imaging``); a missing or undecodable file raises ``ValueError``
+        naming it."""
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
+            return open_rgb(path, exif_transpose=True)
         except FileNotFoundError:
             raise ValueError(f"image not found: {path}") from None
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
@@ -134,7 +138,7 @@ class Captioner:
                 image = self.load_image(image)
             elif not isinstance(image, Image.Image):
                 raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
-            tensors.append(self.transform(image.convert("RGB")))
+            tensors.append(self.transform(to_rgb(image, exif_transpose=True)))
         return torch.stack(tensors).to(self.device, non_blocking=True)
 
     @torch.no_grad()
@@ -168,12 +172,6 @@ class Captioner:
         return f"Captioner(image_size={self.image_size}, device={self.device}, generation={self.generation})"
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    """``owner/name`` that is not a local path: no file suffix, not absolute or relative-dotted, one slash."""
-    return (source.count("/") == 1 and not source.startswith((".", "/", "~", "http:", "https:"))
-            and not Path(source).suffix and not Path(source).exists())
-
-
 def _resolve_tokenizer(value: str, checkpoint: Path) -> str:
     """A checkpoint config's tokenizer: an existing path, a path relative to the repository root, or a hub id."""
     path = Path(value).expanduser()
@@ -195,14 +193,15 @@ def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple
     if not model_config:
         raise CheckpointError(f"{path} carries no config (model section); load it with BlipCaptioner.build and "
                               "models.load_pretrained, giving the architecture yourself")
-    captioner = BlipCaptioner.build(
-        model_config["arch"],
-        image_size=model_config["image_size"],
-        tokenizer=tokenizer or _resolve_tokenizer(str(model_config["tokenizer"] or DEFAULT_TOKENIZER), path),
-        prompt=model_config["prompt"] if prompt is None else prompt,
-        max_text_length=model_config["max_text_length"],
-        attention=attention,
-    )
+    family = model_config.get("family", "blip")
+    if family not in CAPTIONER_FAMILIES:
+        raise CheckpointError(f"{path}: model.family {family!r} is none of {sorted(CAPTIONER_FAMILIES)}")
+    # model.tokenizer may be a path that moved with the checkpoint (BLIP's vocab; other families name theirs in
+    # their own section and ignore it).
+    built = {**model_config, "attention": attention, "gradient_checkpointing": False,
+             "prompt": model_config.get("prompt") if prompt is None else prompt,
+             "tokenizer": tokenizer or _resolve_tokenizer(str(model_config["tokenizer"] or DEFAULT_TOKENIZER), path)}
+    captioner = CAPTIONER_FAMILIES[family].from_config(built)
     logger.info(apply_state_dict(captioner.model, state_dict, source=str(path), strict=True).summary())
     eval_config = config.get("eval") or {}
     generation = {key: eval_config[key] for key in DEFAULT_GENERATION if key in eval_config}

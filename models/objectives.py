@@ -339,3 +339,74 @@ class CaptionObjective:
     def __repr__(self) -> str:
         body = ", ".join(f"{name}={weight:g}{options or ''}" for name, weight, options in self.components)
         return f"CaptionObjective({body})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequence-level (self-critical) policy gradient
+# ----------------------------------------------------------------------------------------------------------------
+
+PG_NORMALIZATIONS = ("tokens", "none", "length")
+
+
+def sequence_token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) at every position (N, T) (0 where ignored) and the validity mask (N, T).
+
+    ``logits`` (N, T, V) aligned with ``targets`` (N, T), as for the token-level objectives; fp32 reduction.
+    """
+    valid = targets != IGNORE_INDEX
+    log_probs = _upcast(logits).log_softmax(dim=-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(~valid, 0.0), valid
+
+
+def policy_gradient_loss(token_log_probs: torch.Tensor, valid: torch.Tensor, advantages: torch.Tensor,
+                         normalize: str = "tokens") -> torch.Tensor:
+    """REINFORCE with a baseline: ``-A_n log p(sample_n)``, reduced over the N sampled sequences.
+
+    Args:
+        token_log_probs: (N, T) log-probabilities of each sample's tokens (0 where ``valid`` is False).
+        valid: (N, T) the sample's positions (its end token included).
+        advantages: (N,) reward minus baseline; treated as a constant (no gradient flows into the rewards).
+        normalize: "tokens" (the reference, ruotianluo's ``RewardCriterion`` used by CLIP-Caption-Reward:
+            ``sum_n sum_t -A_n log p_nt / sum_n T_n``, the mean over every sampled token of the batch),
+            "none" (``mean_n -A_n sum_t log p_nt``: the plain sequence log-likelihood) or "length" (each
+            sequence's sum divided by its own length, then the mean over sequences).
+    """
+    if normalize not in PG_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {list(PG_NORMALIZATIONS)}, got {normalize!r}")
+    advantages = advantages.detach().to(token_log_probs.dtype)
+    per_sequence = token_log_probs.sum(dim=1)  # (N,)
+    lengths = valid.sum(dim=1).to(token_log_probs.dtype)
+    if normalize == "tokens":
+        return -(advantages * per_sequence).sum() / lengths.sum().clamp(min=1)
+    if normalize == "length":
+        per_sequence = per_sequence / lengths.clamp(min=1)
+    return -(advantages * per_sequence).mean()
+
+
+class PolicyGradientObjective:
+    """SCST's loss for one step, in the ``objective(logits, targets) -> (loss, parts)`` form of the forward pass.
+
+    The first ``num_samples`` rows of the batch are sampled captions with their ``advantages``; the rows after
+    them (if any) are reference captions scored by ``token_objective`` (e.g. SMILE), so that a mixture such as
+    ``{scst: ..., smile: 0.1}`` needs one forward (and one DDP reduction). ``scales`` multiply each part before
+    weighting (the step's distributed token shares); the parts are returned unscaled, for logging.
+    """
+
+    supports_features = False
+
+    def __init__(self, advantages: torch.Tensor, num_samples: int, weight: float = 1.0, normalize: str = "tokens",
+                 token_objective: CaptionObjective | None = None, scales: tuple = (1.0, 1.0)):
+        self.advantages, self.num_samples, self.weight = advantages, num_samples, weight
+        self.normalize, self.token_objective, self.scales = normalize, token_objective, scales
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = self.num_samples
+        token_log_probs, valid = sequence_token_log_probs(logits[:n], targets[:n])
+        pg = policy_gradient_loss(token_log_probs, valid, self.advantages, self.normalize)
+        total, parts = self.weight * self.scales[0] * pg, {"scst": pg}
+        if self.token_objective is not None:
+            token_total, token_parts = self.token_objective(logits[n:], targets[n:])
+            total = total + self.scales[1] * token_total
+            parts.update(token_parts)
+        return total, parts
