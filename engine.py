@@ -19,36 +19,44 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import checkpointing
+import steps
 import utils
 from data import (
     CaptionEvalDataset,
     CaptionTrainDataset,
     build_coco_gt,
-    build_eval_transform,
     build_train_transform,
     caption_collate,
     eval_collate,
 )
-from models import IGNORE_INDEX, BlipCaptioner, CaptionObjective, load_pretrained
+from data.datasets import AnnotationError, ImageLoadError
+from metrics._common import MetricInputError
+from models import CAPTIONER_FAMILIES, CaptionModel, CheckpointError
 
 logger = logging.getLogger("smile_blip")
 
 CONFIG_DEFAULTS = Path(__file__).resolve().parent / "configs" / "default.yaml"
-FREE_FORM_KEYS = {"objective", "model.arch", "resume"}
+# The project's own errors about what the user gave it (config, annotations, images, output folder, checkpoints,
+# results files): the entry points print them as one line and exit with status 2 (utils.run_cli).
+USER_ERRORS = (utils.ConfigError, AnnotationError, ImageLoadError, checkpointing.RunExistsError, CheckpointError,
+               MetricInputError)
+FREE_FORM_KEYS = {"objective", "model.arch", "resume", "data.feature_cache"}
 
 
 def load_config(path: str | Path, overrides=()) -> dict:
     """Resolve defaults <- file <- overrides, validate every key and type, and check the objective spec."""
     config = utils.load_config(path, overrides, defaults_path=CONFIG_DEFAULTS, free_form=FREE_FORM_KEYS)
     try:
-        CaptionObjective(config["objective"])
+        steps.check_objective(config["objective"])
     except ValueError as error:
         raise utils.ConfigError(f"{path}: objective: {error}") from None
     choices = {"eval.split": ("val", "test"), "resume": (False, True, "auto"), "train.on_nonfinite": ("stop", "skip"),
                "data.train_bad_images": ("skip", "fail"), "data.eval_bad_images": ("fail", "skip"),
-               "train.schedule": ("cosine_epoch", "cosine_step", "constant"), "model.compile": (None, "vision", "full"),
+               "train.schedule": ("cosine_epoch", "cosine_step", "constant", "linear_warmup"),
+               "train.grad_clip_mode": ("norm", "value"), "model.compile": (None, "vision", "full"),
                "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-               "model.text_padding": ("longest", "max_length")}
+               "model.text_padding": ("longest", "max_length"), "model.family": ("blip", "prefix"),
+               "data.feature_cache": ("auto", "on", "off", True, False)}  # YAML reads a bare on/off as a bool
     for key, allowed in choices.items():
         value = utils.get_by_path(config, key)
         if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
@@ -64,14 +72,18 @@ def load_config(path: str | Path, overrides=()) -> dict:
 def resolve_data_paths(config: dict) -> dict:
     """Fill in the toy dataset's paths that are not set (and its vocab as tokenizer, if none is) when ``data.toy``.
 
-    The toy set is built on first use; concurrent ranks wait for one builder (a file lock).
+    The toy set is built on first use; concurrent ranks wait for one builder (a file lock). So are the toy CLIP
+    and GPT-2 when ``eval.metrics`` needs them and ``eval.clip_model`` / ``eval.ppl_model`` name a folder beside
+    ``data.toy_root`` (toy_pretrained.ensure_for_config).
     """
     data_config = config["data"]
     if not data_config["toy"]:
         return config
     from data import ensure_toy_dataset
+    from toy_pretrained import ensure_for_config
 
     paths = ensure_toy_dataset(data_config["toy_root"])
+    ensure_for_config(config)
     if config["model"]["tokenizer"] is None:
         config["model"]["tokenizer"] = str(paths["vocab_file"])
     toy_values = {
@@ -99,25 +111,15 @@ def ensure_pretrained(config: dict) -> None:
 
 
 def build_captioner(config: dict, device: torch.device, pretrained: str | None = None,
-                    load_weights: bool = True) -> BlipCaptioner:
-    """The captioner with ``pretrained`` (default: ``model.pretrained``) loaded, on ``device``.
+                    load_weights: bool = True) -> CaptionModel:
+    """The ``model.family`` captioner with ``pretrained`` (default: ``model.pretrained``) loaded, on ``device``.
 
     ``load_weights=False`` skips the pretrained weights (a resumed run overwrites them anyway)."""
     model_config = config["model"]
-    captioner = BlipCaptioner.build(
-        arch=model_config["arch"],
-        image_size=model_config["image_size"],
-        tokenizer=model_config["tokenizer"],
-        prompt=model_config["prompt"],
-        max_text_length=model_config["max_text_length"],
-        gradient_checkpointing=model_config["gradient_checkpointing"],
-        attention=model_config["attention"],
-        text_padding=model_config["text_padding"],
-    )
     source = pretrained or model_config["pretrained"]
+    captioner = CAPTIONER_FAMILIES[model_config["family"]].from_config(model_config)  # the one place it is chosen
     if source and load_weights:
-        load_pretrained(captioner, source, cache_dir=Path(model_config["cache_dir"]).expanduser(),
-                        strict=model_config["strict_loading"], sha256=model_config["pretrained_sha256"])
+        captioner.load_pretrained(source, model_config)
     captioner.to(device)
     if model_config["compile"]:
         captioner.compile_parts(model_config["compile"], mode=model_config["compile_mode"])
@@ -160,29 +162,83 @@ def _loader(dataset, batch_size: int, shuffle: bool, collate, config: dict, seed
     return loader, sampler
 
 
-def build_train_loader(config: dict, image_size: int):
+def build_train_loader(config: dict, captioner):
+    """The training loader: BLIP's augmentation at the captioner's image size, or its eval transform (no
+    augmentation); the normalisation (CLIP mean/std) is the same for every model family."""
     data_config = config["data"]
     if not data_config["train_files"]:
         raise utils.ConfigError("data.train_files is empty: nothing to train on (or set data.toy: true)")
     if data_config["augment"]:
-        transform = build_train_transform(image_size, min_scale=data_config["min_scale"],
+        transform = build_train_transform(captioner.image_size, min_scale=data_config["min_scale"],
                                           randaugment=data_config["randaugment"],
                                           horizontal_flip=data_config["horizontal_flip"])
     else:
-        transform = build_eval_transform(image_size)
+        transform = captioner.eval_transform()
     dataset = CaptionTrainDataset(data_config["train_files"], data_config["image_root"], transform,
                                   max_words=data_config["max_words"],
-                                  skip_bad_images=data_config["train_bad_images"] == "skip")
-    return _loader(dataset, config["train"]["batch_size"], True, caption_collate, config, seed=config["seed"])
+                                  skip_bad_images=data_config["train_bad_images"] == "skip",
+                                  per_image=data_config["train_per_image"])
+    dataset = cached_feature_dataset(config, captioner, dataset)
+    batch_size = config["train"]["batch_size"]
+    loader, sampler = _loader(dataset, batch_size, True, caption_collate, config, seed=config["seed"])
+    if len(loader) == 0:  # incomplete batches are dropped: an epoch would run 0 steps and "finish" untrained
+        world = utils.get_world_size()
+        raise utils.ConfigError(
+            f"data.train_files {data_config['train_files']} hold {len(dataset)} training caption(s), fewer than one "
+            f"global batch (train.batch_size {batch_size} x {world} process(es) = {batch_size * world}); incomplete "
+            "batches are dropped, so there is nothing to train on. Add captions or lower train.batch_size."
+        )
+    return loader, sampler
 
 
-def build_eval_loader(config: dict, split: str, image_size: int):
+def cached_feature_dataset(config: dict, captioner, dataset: CaptionTrainDataset):
+    """``dataset`` with its images replaced by cached image features (data/feature_cache.py) when
+    ``data.feature_cache`` allows it, else ``dataset`` itself.
+
+    Caching needs features that never change: the captioner must give a ``cached_feature_key`` (a frozen tower:
+    never BLIP), ``data.augment`` must be off, and no CLIP reward may need the batch's pixels. ``auto`` caches
+    when all hold (saying so, or saying that augmentation turned it off); ``on`` makes a failed condition a
+    ConfigError. The cache is built on first use (one process builds, the others wait) and reused by later runs.
+    """
+    data_config = config["data"]
+    mode = {True: "on", False: "off"}.get(data_config["feature_cache"], data_config["feature_cache"])
+    if mode == "off":
+        return dataset
+    key = captioner.cached_feature_key(repr(dataset.transform))
+    scst, _ = steps.split_objective(config["objective"])
+    rewards = [] if scst is None else [scst["reward"]] if isinstance(scst["reward"], str) else list(scst["reward"])
+    if key is None:
+        reason = (f"model.family {config['model']['family']} has no frozen image features (BLIP trains its ViT; a "
+                  "prefix captioner needs a CLIP tower and model.prefix.train_vision: false)")
+    elif data_config["augment"]:
+        reason = "data.augment is true (augmented images differ every epoch)"
+    elif any(name in steps.CLIP_REWARDS for name in rewards):
+        reason = "the objective's CLIP reward needs the batch's pixels"
+    else:
+        from data.feature_cache import CachedFeatureDataset, ensure_feature_cache
+
+        path = ensure_feature_cache(
+            dataset, Path(data_config["feature_cache_dir"]).expanduser(), key, captioner.encode_cache_batch,
+            batch_size=config["eval"]["batch_size"], num_workers=data_config["num_workers"],
+            description={"model": getattr(captioner, "clip_source", None), "transform": repr(dataset.transform)})
+        cached = CachedFeatureDataset(dataset, path)
+        logger.info("data.feature_cache: training on cached image features %s %s (the image tower is not run)",
+                    path, cached.feature_shape)
+        return cached
+    if mode == "on":
+        raise utils.ConfigError(f"data.feature_cache is on, but {reason}; set data.feature_cache: auto or off")
+    if key is not None:  # a captioner that could cache: say why it does not (BLIP never can, so it is not told)
+        logger.info("data.feature_cache auto: caching is off because %s", reason)
+    return dataset
+
+
+def build_eval_loader(config: dict, split: str, transform):
     """(loader, COCO-format GT dict) for ``split``; the GT is built from the annotation file when not given."""
     data_config = config["data"]
     annotation_file, gt_file = data_config[f"{split}_file"], data_config[f"{split}_gt"]
     if not annotation_file:
         raise utils.ConfigError(f"data.{split}_file is not set: cannot evaluate on {split}")
-    dataset = CaptionEvalDataset(annotation_file, data_config["image_root"], build_eval_transform(image_size),
+    dataset = CaptionEvalDataset(annotation_file, data_config["image_root"], transform,
                                  skip_bad_images=data_config["eval_bad_images"] == "skip")
     if gt_file:
         with open(gt_file) as handle:
@@ -219,10 +275,13 @@ def learning_rate(config: dict, epoch: int, step_in_epoch: int, steps_per_epoch:
         return base
     if schedule == "cosine_epoch":  # BLIP: one value per epoch, cosine over the epochs
         return utils.cosine_lr(epoch, train_config["epochs"], base, floor)
-    total = train_config["epochs"] * steps_per_epoch  # cosine_step
+    total = train_config["epochs"] * steps_per_epoch
     if train_config["max_steps"]:
         total = min(total, train_config["max_steps"])
-    return utils.cosine_lr(epoch * steps_per_epoch + step_in_epoch, total, base, floor)
+    step = epoch * steps_per_epoch + step_in_epoch
+    if schedule == "linear_warmup":  # ClipCap: linear warm-up, then linear decay to 0 (get_linear_schedule_with_warmup)
+        return utils.linear_warmup_lr(step, total, train_config["warmup_steps"], base)
+    return utils.cosine_lr(step, total, base, floor)  # cosine_step
 
 
 def autocast_context(config: dict, device: torch.device):
@@ -236,26 +295,11 @@ def autocast_context(config: dict, device: torch.device):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def token_share(targets: torch.Tensor) -> torch.Tensor:
-    """world_size x (this rank's scored tokens / all ranks' scored tokens); 1 in a single process.
-
-    Objectives average over this rank's tokens, and DDP averages gradients over ranks; scaling by this share
-    makes the result the mean over *all* tokens of the global batch, so N processes with batch B/N train exactly
-    like one process with batch B (ranks with shorter captions would otherwise count for more).
-    """
-    if not utils.is_distributed():
-        return torch.ones((), device=targets.device)
-    local = (targets != IGNORE_INDEX).sum().float()
-    total = local.clone()
-    torch.distributed.all_reduce(total)
-    return local * utils.get_world_size() / total.clamp(min=1)
-
-
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; the message names the step and the batch's image ids."""
 
 
-def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionObjective, optimizer, config: dict,
+def train_one_epoch(model, captioner: CaptionModel, loader, step, optimizer, config: dict,
                     progress: checkpointing.TrainProgress, log: utils.JsonlLogger, device: torch.device,
                     save_latest) -> dict:
     """Train on the rest of epoch ``progress.epoch`` (from batch ``progress.batches_done``); returns statistics.
@@ -292,13 +336,8 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
         for group in optimizer.param_groups:
             group["lr"] = lr
         images = images.to(device, non_blocking=True)
-        input_ids, attention_mask = captioner.tokenize(captions)
-        targets = captioner.build_targets(input_ids, attention_mask)
         with autocast_context(config, device):
-            # The loss is computed inside the (DDP-wrapped) forward so that pure SMILE can use its
-            # token-set head instead of full-vocabulary logits.
-            loss, parts = model(images, input_ids, attention_mask, targets=targets, objective=objective)
-        loss = loss * token_share(targets)
+            loss, parts, stats = step(model, captioner, images, captions, image_ids)  # steps.py
         if _any_rank_nonfinite(loss):
             _handle_nonfinite(config, progress, image_ids, log)
             optimizer.zero_grad(set_to_none=True)
@@ -310,11 +349,14 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
         loss.backward()
         # After backward, DDP has all-reduced the gradients, so this norm is the global one on every rank.
         grad_norm = None
-        if train_config["grad_clip"]:
+        if train_config["grad_clip"] and train_config["grad_clip_mode"] == "norm":
             # clip_grad_norm_ returns the norm before clipping, which is the one worth logging.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config["grad_clip"])
-        elif log_now:
-            grad_norm = utils.global_grad_norm(model.parameters())
+        else:
+            if log_now:
+                grad_norm = utils.global_grad_norm(model.parameters())
+            if train_config["grad_clip"]:  # "value": each gradient entry into [-clip, clip], as self-critical.pytorch
+                torch.nn.utils.clip_grad_value_(model.parameters(), train_config["grad_clip"])
         optimizer.step()
         progress.global_step += 1
         progress.batches_done = batch_index + 1
@@ -325,6 +367,7 @@ def train_one_epoch(model, captioner: BlipCaptioner, loader, objective: CaptionO
         if log_now:
             mean_loss = utils.all_reduce_mean(running / running_count).item()
             parts_now = {f"loss_{name}": value.item() for name, value in parts.items()}
+            parts_now.update({name: utils.all_reduce_mean(value.detach().float()).item() for name, value in stats.items()})
             norm_now = grad_norm.item()
             now = time.perf_counter()  # after the reads above, which wait for the device to finish the steps
             images = (progress.global_step - interval_first_step) * train_config["batch_size"] * utils.get_world_size()
@@ -379,7 +422,7 @@ def generation_options(config: dict) -> dict:
 
 
 @torch.no_grad()
-def generate_captions(captioner: BlipCaptioner, loader, config: dict, device: torch.device) -> list[dict]:
+def generate_captions(captioner: CaptionModel, loader, config: dict, device: torch.device) -> list[dict]:
     """Captions for every image of ``loader``'s dataset, gathered from all ranks, one per image id, sorted.
 
     The DistributedSampler pads the last shard by repeating images, so results are de-duplicated by image id.
@@ -405,12 +448,15 @@ def score(results: list[dict], gt: dict, config: dict, groups=("coco",), images_
         from metrics.suite import compute_metrics
 
         eval_config = config["eval"]
+        # eval.instances (CHAIR): a configured file that was never fetched is a warning, not a failed run.
         metrics = compute_metrics(results, gt, metrics=list(groups), images_root=images_root,
-                                  clip_model=eval_config["clip_model"], ppl_model=eval_config["ppl_model"])
+                                  clip_model=eval_config["clip_model"], ppl_model=eval_config["ppl_model"],
+                                  instances=eval_config.get("instances"), skip_missing_instances=True,
+                                  finecapeval=eval_config["finecapeval"])
     return utils.broadcast_object(metrics)
 
 
-def evaluate(captioner: BlipCaptioner, loader, gt: dict, config: dict, device: torch.device,
+def evaluate(captioner: CaptionModel, loader, gt: dict, config: dict, device: torch.device,
              groups=("coco",)) -> tuple[list[dict], dict]:
     """Generate for every image in ``loader`` and score against ``gt``: (results, metrics)."""
     results = generate_captions(captioner, loader, config, device)
@@ -443,7 +489,7 @@ def _dump_yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
+def run_training(config: dict) -> tuple[dict, CaptionModel]:
     """Train per ``config``; returns (summary with the best validation and the test metrics, trained captioner).
 
     Joins the process group torchrun describes, if any. Data paths must be resolved (``resolve_data_paths``).
@@ -465,21 +511,21 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
     model = captioner
     if utils.is_distributed():
         model = DistributedDataParallel(captioner, device_ids=[device.index] if device.type == "cuda" else None)
-    objective = CaptionObjective(config["objective"])
     optimizer = build_optimizer(captioner, config)
-    train_loader, sampler = build_train_loader(config, captioner.image_size)
-    validate = config["train"]["validate"]
-    val_loader, val_gt = build_eval_loader(config, "val", captioner.image_size) if validate else (None, None)
-
     progress = checkpointing.TrainProgress(world_size=utils.get_world_size())
     if resume_from is not None:
         progress = checkpointing.load_training_checkpoint(resume_from, captioner.model, optimizer)
         logger.info("resuming %s at epoch %d, batch %d (step %d)", resume_from, progress.epoch,
                     progress.batches_done, progress.global_step)
-        if progress.batches_done == 0:  # at an epoch boundary the next epoch's loader has not drawn yet
-            checkpointing.restore_rng_from(progress)
+    # After the weights are in place: a feature cache is keyed on the image tower this run trains with.
+    train_loader, sampler = build_train_loader(config, captioner)
+    step = steps.build_step(config, captioner, train_loader.dataset, device)
+    validate = config["train"]["validate"]
+    val_loader, val_gt = build_eval_loader(config, "val", captioner.eval_transform()) if validate else (None, None)
+    if resume_from is not None and progress.batches_done == 0:
+        checkpointing.restore_rng_from(progress)  # at an epoch boundary the next epoch's loader has not drawn yet
     log = utils.JsonlLogger(output_dir / "log.jsonl", _open_tensorboard(config, output_dir, resume_from, progress))
-    logger.info("objective %s; %d training captions, %d steps per epoch, %d process(es)", objective,
+    logger.info("objective %s; %d training captions, %d steps per epoch, %d process(es)", step,
                 len(train_loader.dataset), len(train_loader), utils.get_world_size())
 
     def save_latest():
@@ -492,7 +538,7 @@ def run_training(config: dict) -> tuple[dict, BlipCaptioner]:
             epoch = progress.epoch
             sampler.set_epoch(epoch)
             sampler.skip_batches(progress.batches_done, config["train"]["batch_size"])
-            stats = train_one_epoch(model, captioner, train_loader, objective, optimizer, config, progress, log,
+            stats = train_one_epoch(model, captioner, train_loader, step, optimizer, config, progress, log,
                                     device, save_latest)
             log.log(kind="epoch", epoch=epoch, step=progress.global_step, **stats)
             logger.info("epoch %d: loss %.4f, %.1f images/s", epoch, stats["loss"], stats["images_per_second"])
@@ -556,11 +602,11 @@ def run_evaluation(config: dict, checkpoint: str | None = None, split: str | Non
     return evaluate_split(captioner, config, split, device, output_dir, f"eval_{split}")
 
 
-def evaluate_split(captioner: BlipCaptioner, config: dict, split: str, device: torch.device, output_dir: Path,
+def evaluate_split(captioner: CaptionModel, config: dict, split: str, device: torch.device, output_dir: Path,
                    name: str) -> dict:
     """Generate on ``split``, score ``eval.metrics``; writes ``<name>_results.json``, ``<name>_metrics.json`` and
     a histogram of the caption lengths, ``<name>_caption_lengths.png`` (a plot that fails is only a warning)."""
-    loader, gt = build_eval_loader(config, split, captioner.image_size)
+    loader, gt = build_eval_loader(config, split, captioner.eval_transform())
     results = generate_captions(captioner, loader, config, device)
     if utils.is_main():
         utils.write_json(output_dir / f"{name}_results.json", results)  # kept even if scoring fails

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data.captions import image_id_from_path, pre_caption
+from imaging import open_rgb
 
 REQUIRED_KEYS = ("image", "caption")
 
@@ -182,9 +184,8 @@ class _ImageFileDataset(Dataset):
         only needs to catch `ImageLoadError` around this call.
         """
         try:
-            with Image.open(path) as image:
-                # convert() also forces the lazy decode while the file is still open.
-                return image.convert("RGB")
+            # Stored pixels, EXIF orientation ignored, as the original BLIP reads COCO and Flickr30K (imaging.py).
+            return open_rgb(path)
         except FileNotFoundError as error:
             raise ImageLoadError(path, "file not found") from error
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -194,6 +195,11 @@ class _ImageFileDataset(Dataset):
 
 class CaptionTrainDataset(_ImageFileDataset):
     """Training samples ``(image (3,H,W) float32, caption str, image_id int)``, one per caption.
+
+    With ``per_image``, one sample per image instead, its caption drawn at random (Python's ``random``, so
+    seeded and restored with the run) from that image's captions: an epoch of self-critical training visits every
+    image once, as the SCST reference does, instead of once per caption. ``samples`` always lists every
+    (image, caption, image id), e.g. for the CIDEr-D references.
 
     Captions are normalised with BLIP's `pre_caption(caption, max_words)` at construction, so
     an annotation that normalises to "" fails immediately (naming file and index) rather than
@@ -207,6 +213,7 @@ class CaptionTrainDataset(_ImageFileDataset):
         transform: Callable[[Image.Image], torch.Tensor],
         max_words: int = 30,
         skip_bad_images: bool = False,
+        per_image: bool = False,
     ):
         super().__init__(image_root, transform, skip_bad_images)
         if isinstance(annotation_files, (str, Path)):
@@ -223,12 +230,28 @@ class CaptionTrainDataset(_ImageFileDataset):
                 for raw in _captions_of(entry):
                     caption = _normalised_caption(path, index, raw, max_words)
                     self.samples.append((entry["image"], caption, image_id))
+        self.per_image = per_image
+        # per_image: (image path, image id, indices of its samples), in order of first appearance
+        self.images: list[tuple[str, int, list[int]]] = []
+        if per_image:
+            rows: dict[tuple[str, int], list[int]] = {}
+            for position, (image_path, _, image_id) in enumerate(self.samples):
+                rows.setdefault((image_path, image_id), []).append(position)
+            self.images = [(image_path, image_id, members) for (image_path, image_id), members in rows.items()]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.images) if self.per_image else len(self.samples)
+
+    def entry(self, index: int) -> tuple[str, str, int]:
+        """(relative image path, caption, image id) of sample ``index``; in ``per_image`` mode the caption is drawn
+        here. The one place that chooses a training sample (the feature cache reads through it too)."""
+        if self.per_image:
+            image_path, image_id, members = self.images[index]
+            return image_path, self.samples[random.choice(members)][1], image_id
+        return self.samples[index]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, int]:
-        image_path, caption, image_id = self.samples[index]
+        image_path, caption, image_id = self.entry(index)
         return self._load_or_skip(self.image_root / image_path), caption, image_id
 
 

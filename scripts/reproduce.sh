@@ -14,7 +14,8 @@
 #   RUNS_DIR   put row R's output in RUNS_DIR/R (default: the config's output_dir)
 #   METRICS    eval.metrics for the test split (default coco/flickr30k: the paper's metrics,
 #              coco,length,diversity,retrieval,clipscore,ppl, which need CLIP and GPT-2 weights (eval.clip_model,
-#              eval.ppl_model); toy: the config's, which needs no model weights)
+#              eval.ppl_model); toy: the config's, every one of those plus toy_grounding, with the toy CLIP
+#              and GPT-2 that the first toy row builds, offline, in cache/toy_clip and cache/toy_gpt2)
 #   SKIP_DONE  1: keep a row whose test_metrics.json exists instead of training it again (default 0)
 #   CHECK_DATA 0: skip the prepare_data.py --check-only pass over the images before the first row (default 1)
 #   RESULTS    the markdown file to write (default results/<dataset>.md)
@@ -157,7 +158,7 @@ mkdir -p "$(dirname "$RESULTS")"
        "$("$PYTHON" -c 'import torch; n = torch.cuda.device_count(); print(f"{n} x {torch.cuda.get_device_name(0)}" if n else "no GPU")')" \
        "(NPROC=${NPROC:-all visible GPUs, or 1 without CUDA}); \"-\" means the row was reused (SKIP_DONE=1)."
   if [[ "$DATASET" == toy ]]; then
-    echo "The first toy row's time includes training the toy pre-trained model when cache/toy_pretrain held none."
+    echo "The first toy row's time includes training the toy pre-trained model, CLIP and GPT-2 when cache/ held none."
   fi
   if [[ "$DATASET" == coco ]]; then
     cat <<'EOF'

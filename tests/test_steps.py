@@ -1,0 +1,190 @@
+"""Training steps (steps.py): the SCST policy gradient against the naive definition, the baselines, rollouts of
+both model families, and the objective spec."""
+import copy
+
+import pytest
+import torch
+
+import steps
+from models import IGNORE_INDEX, CaptionObjective
+from models.objectives import PolicyGradientObjective, policy_gradient_loss, sequence_token_log_probs
+from tests.conftest import FIXTURES
+
+
+def _images(batch, size=32, seed=0):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# The loss itself ------------------------------------------------------------------------------------------------
+
+
+def test_policy_gradient_loss_matches_its_three_definitions():
+    torch.manual_seed(0)
+    logp = -torch.rand(4, 6)
+    valid = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]]).bool()
+    logp = logp.masked_fill(~valid, 0)
+    advantages = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    sums, lengths = logp.sum(1), valid.sum(1).float()
+    naive_tokens = sum(-advantages[n] * logp[n, t] for n in range(4) for t in range(6) if valid[n, t]) / lengths.sum()
+    torch.testing.assert_close(policy_gradient_loss(logp, valid, advantages, "tokens"), naive_tokens)
+    torch.testing.assert_close(policy_gradient_loss(logp, valid, advantages, "none"), (-advantages * sums).mean())
+    torch.testing.assert_close(policy_gradient_loss(logp, valid, advantages, "length"),
+                               (-advantages * sums / lengths).mean())
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        policy_gradient_loss(logp, valid, advantages, "mean")
+
+
+def test_sequence_token_log_probs_picks_the_targets_and_ignores_the_rest():
+    logits = torch.randn(2, 3, 7)
+    targets = torch.tensor([[1, 4, IGNORE_INDEX], [IGNORE_INDEX, 6, 0]])
+    picked, valid = sequence_token_log_probs(logits, targets)
+    expected = logits.log_softmax(-1)
+    assert valid.tolist() == [[True, True, False], [False, True, True]]
+    assert picked[0, 0] == expected[0, 0, 1] and picked[1, 2] == expected[1, 2, 0] and picked[0, 2] == 0
+
+
+# SCST's gradient on a tiny BLIP ---------------------------------------------------------------------------------
+
+
+def _rollout(captioner, images, samples):
+    torch.manual_seed(3)
+    ids = captioner.sample_ids(images, num_samples=samples, max_new_tokens=8)
+    return ids, captioner.sequence_mask(ids)
+
+
+def test_scst_gradient_equals_the_naive_reinforce_gradient(fixture_captioner):
+    captioner = fixture_captioner.train()
+    for module in captioner.modules():  # dropout off: the naive and the batched forward must see one function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    images = _images(2)
+    samples = 3
+    ids, mask = _rollout(captioner, images, samples)
+    assert ids.shape[0] == 6
+    targets = captioner.build_targets(ids, mask)
+    advantages = torch.tensor([1.0, -0.5, 0.25, 2.0, 0.0, -1.5])
+    image_index = torch.arange(2).repeat_interleave(samples)
+
+    loss, parts = captioner(images, ids, mask, targets=targets, image_index=image_index,
+                            objective=PolicyGradientObjective(advantages, 6))
+    loss.backward()
+    batched = {name: p.grad.clone() for name, p in captioner.named_parameters() if p.grad is not None}
+
+    naive_model = copy.deepcopy(captioner)
+    naive_model.zero_grad(set_to_none=True)
+    total_tokens = (targets != IGNORE_INDEX).sum()
+    naive = 0.0
+    for n in range(6):  # one sample at a time, its own image, the textbook -A * sum_t log p / (all tokens)
+        logits = naive_model(images[image_index[n]][None], ids[n : n + 1], mask[n : n + 1])
+        log_probs = logits.log_softmax(-1)[0]
+        for t, target in enumerate(targets[n].tolist()):
+            if target != IGNORE_INDEX:
+                naive = naive - advantages[n] * log_probs[t, target]
+    (naive / total_tokens).backward()
+    torch.testing.assert_close(loss, (naive / total_tokens).detach(), rtol=1e-5, atol=1e-6)
+    for name, param in naive_model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(batched[name], param.grad, rtol=1e-4, atol=1e-6)
+    assert parts["scst"] == loss
+
+
+class _ConstantReward:
+    """A stand-in RewardMixture: every caption gets the same reward."""
+
+    components = [("cider_d", 1.0, None)]
+    context = None
+
+    def __call__(self, captions, image_index, images=None, keys=None):
+        value = torch.full((len(captions),), 0.7)
+        return value, {"cider_d": value}
+
+
+@pytest.mark.parametrize("baseline", ["greedy", "mean_of_others"])
+def test_constant_reward_gives_zero_advantage_and_zero_gradient(fixture_captioner, baseline):
+    captioner = fixture_captioner.train()
+    scst, _ = steps.split_objective({"scst": {"samples": 3, "baseline": baseline, "max_tokens": 6}})
+    step = steps.ScstStep(scst, None, _ConstantReward(), torch.device("cpu"))
+    loss, parts, stats = step(captioner, captioner, _images(2), ["a dog", "a cat"], torch.tensor([1, 2]))
+    assert stats["advantage"] == 0 and loss == 0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in captioner.parameters())
+    assert captioner.training  # sampling ran in eval mode and the step put training mode back
+
+
+def test_scst_mixed_with_smile_adds_the_reference_rows_in_the_same_forward(fixture_captioner):
+    captioner = fixture_captioner.train()
+    for module in captioner.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    scst, token_spec = steps.split_objective({"scst": {"samples": 2, "max_tokens": 6}, "smile": 0.1})
+    assert token_spec == {"smile": 0.1}
+    smile = CaptionObjective(token_spec)
+    step = steps.ScstStep(scst, smile, _ConstantReward(), torch.device("cpu"))
+    images, captions = _images(2), ["a small white cat on a table", "a dog"]
+    loss, parts, _ = step(captioner, captioner, images, captions, torch.tensor([1, 2]))
+    input_ids, attention_mask = captioner.tokenize(captions)
+    reference, _ = captioner(images, input_ids, attention_mask, objective=smile,
+                             targets=captioner.build_targets(input_ids, attention_mask))
+    # Constant reward: the SCST term is 0, so the loss is exactly the SMILE term on the references.
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert set(parts) == {"scst", "smile"}
+
+
+def test_blip_rollouts_are_in_tokenize_layout(fixture_captioner):
+    captioner = fixture_captioner.eval()
+    images = _images(2)
+    ids, mask = _rollout(captioner, images, 4)
+    assert ids.shape[0] == 8
+    sep = captioner.tokenizer.sep_token_id
+    prompt = captioner.prompt_length
+    for row, row_mask in zip(ids.tolist(), mask.tolist()):
+        caption = row[prompt:]
+        end = caption.index(sep) + prompt if sep in caption else len(row) - 1
+        assert row_mask == [1] * (end + 1) + [0] * (len(row) - end - 1)
+        assert all(token == captioner.tokenizer.pad_token_id for token in row[end + 1:])
+    greedy = captioner.sample_ids(images, greedy=True, max_new_tokens=8)
+    again = captioner.sample_ids(images, greedy=True, max_new_tokens=8)
+    assert torch.equal(greedy, again) and greedy.shape[0] == 2
+    targets = captioner.build_targets(ids, mask)
+    assert (targets[:, : prompt - 1] == IGNORE_INDEX).all()
+
+
+def test_objective_spec_is_checked_before_anything_is_built():
+    assert steps.split_objective("smile") == (None, "smile")
+    scst, rest = steps.split_objective({"scst": {"reward": {"clip_s": 2.0, "cider_d": 1.0}}})
+    assert rest is None and scst["samples"] == 5 and scst["baseline"] == "greedy" and scst["normalize"] == "tokens"
+    steps.check_objective({"scst": {"reward": {"clip_s": 2.0, "cider_d": 1.0}}, "mle": 0.5})
+    for bad, message in (({"scst": {"samples": 0}}, "samples must be an integer >= 1"),
+                         ({"scst": {"baseline": "mean"}}, "baseline must be one of"),
+                         ({"scst": {"baseline": "mean_of_others", "samples": 1}}, "samples must be an integer >= 2"),
+                         ({"scst": {"rewards": "cider_d"}}, "unknown option"),
+                         ({"scst": {"reward": "bleu"}}, "valid names"),
+                         ({"scst": {}, "smiles": 1.0}, "unknown objective 'smiles'")):
+        with pytest.raises(ValueError, match=message):
+            steps.check_objective(bad)
+
+
+def test_prefix_rollouts_end_at_eos_or_the_stop_token(tmp_path):
+    import shutil
+
+    from models import PrefixCaptioner
+
+    source = FIXTURES / "clipcap_original"  # the original ClipCap fixture's tiny GPT-2 BPE (453 ids)
+    (tmp_path / "tok").mkdir()
+    shutil.copy(source / "gpt2_vocab.json", tmp_path / "tok" / "vocab.json")
+    shutil.copy(source / "gpt2_merges.txt", tmp_path / "tok" / "merges.txt")
+    torch.manual_seed(0)
+    captioner = PrefixCaptioner.build(
+        {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 453},
+        {"image_size": 32, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "projection_dim": 16},
+        tokenizer=tmp_path / "tok", prefix={"prefix_length": 2}).eval()
+    ids = captioner.sample_ids(_images(2), num_samples=3, max_new_tokens=10)
+    mask = captioner.sequence_mask(ids)
+    ends = {captioner.tokenizer.eos_token_id, captioner.stop_token_id}
+    for row, row_mask in zip(ids.tolist(), mask.tolist()):
+        length = next((i + 1 for i, token in enumerate(row) if token in ends), len(row))
+        assert row_mask == [1] * length + [0] * (len(row) - length)
+    targets = captioner.build_targets(ids, mask)
+    logits = captioner(_images(2), ids, mask, image_index=torch.arange(2).repeat_interleave(3))
+    assert logits.shape[:2] == targets.shape
