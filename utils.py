@@ -4,8 +4,10 @@ Imports nothing from this repository, so every layer can use it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -14,7 +16,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -300,6 +302,25 @@ def setup_logging(output_dir: str | Path | None = None, log_name: str = "train.l
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(output_dir) / log_name))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``lock_path`` (created if needed; POSIX only) for the ``with`` block.
+
+    What several processes (torchrun ranks, parallel jobs) build on first use -- the toy set, the toy CLIP and
+    GPT-2, a feature cache -- is built by the first one in while the others wait, then reused. The lock file is
+    never deleted: removing it while another process waits on it would let a third lock a fresh inode and build
+    concurrently.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def publish_file(temporary: str | Path, path: str | Path) -> None:

@@ -16,38 +16,27 @@ ratios show what batching buys.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from metrics import caption_perplexities, compute_metrics, encode_texts, java_available, load_clip  # noqa: E402
 from metrics.perplexity import load_language_model  # noqa: E402
+from machine import describe_machine  # noqa: E402
 from metrics_fixtures import build_tiny_clip, build_tiny_gpt2, make_images, synthetic_coco  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{cpu}; {usable} usable cores (torch threads {torch.get_num_threads()}); load avg {load}; "
-            f"python {platform.python_version()}; torch {torch.__version__}; transformers {transformers.__version__}; "
-            f"java {'yes' if java_available() else 'no'}; CUDA {'yes' if torch.cuda.is_available() else 'no'}")
+    return describe_machine(extras=(f"transformers {transformers.__version__}",
+                                    f"java {'yes' if java_available() else 'no'}",
+                                    f"CUDA {'yes' if torch.cuda.is_available() else 'no'}"))
 
 
 def timed(fn):

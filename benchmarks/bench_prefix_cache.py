@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,11 +32,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import engine  # noqa: E402
 import steps  # noqa: E402
 from data import ensure_toy_dataset  # noqa: E402
+from machine import describe_machine  # noqa: E402
 from models import CaptionObjective  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "clipcap_original"
@@ -51,21 +51,6 @@ GPT2 = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=2, n_positions=128),
     "small": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),
 }
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    gpu = f"{torch.cuda.get_device_name(device)}; " if device.type == "cuda" else ""
-    return f"{gpu}{cpu}; {cores} usable cores; load avg {load}; torch {torch.__version__}"
 
 
 def build_config(args, work: Path, toy: dict, cache: str) -> dict:
@@ -174,7 +159,7 @@ def main(argv=None) -> None:
     print(f"  ratio cached / uncached: {per_second['cached'] / per_second['uncached']:.2f}x")
     print(f"  cache ready (built, or found in --work-dir) in {build_seconds:.1f} s for {args.images} images "
           f"({cache_file.stat().st_size / 2**20:.1f} MiB, {cache_file.name[:12]}...)")
-    print(f"machine: {machine(device)}")
+    print(f"machine: {describe_machine(device)}")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
 

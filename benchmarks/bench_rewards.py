@@ -14,37 +14,25 @@ The best of `--repeats` runs is reported for both.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import numpy as np  # noqa: E402
 import pycocoevalcap  # noqa: E402
 from pycocoevalcap.cider.cider import Cider  # noqa: E402
 
+from machine import describe_machine  # noqa: E402
 from metrics.cider_d import CiderD  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    version = getattr(pycocoevalcap, "__version__", "installed")
-    return (f"{cpu}; {usable} usable cores; load avg {load}; python {platform.python_version()}; "
-            f"numpy {np.__version__}; pycocoevalcap {version}")
+    return describe_machine(extras=(f"numpy {np.__version__}",
+                                    f"pycocoevalcap {getattr(pycocoevalcap, '__version__', 'installed')}"))
 
 
 def synthetic_references(num_images: int, refs_per_image: int, vocab: int, seed: int) -> dict[int, list[str]]:

@@ -11,7 +11,6 @@ and each phase's share of the step.
 """
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -20,28 +19,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import steps  # noqa: E402
+from machine import describe_machine  # noqa: E402
 from data import CaptionTrainDataset, caption_collate, ensure_toy_dataset  # noqa: E402
 from imaging import eval_transform  # noqa: E402
 from metrics.rewards import RewardMixture  # noqa: E402
 from models import BlipCaptioner  # noqa: E402
 
 PHASES = ("sampling", "greedy", "rewards", "forward", "backward")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main(argv=None) -> dict:
@@ -104,7 +91,7 @@ def main(argv=None) -> dict:
             runs.append(dict(step.timings))
 
     median = {name: statistics.median(run[name] for run in runs) for name in (*PHASES, "total")}
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine(device)}")
     print(f"step: {args.preset} BLIP at {args.image_size} px on {device}, {args.batch} images x {args.samples} samples "
           f"+ greedy, <= {args.max_tokens} tokens, reward {args.reward} (CLIP {args.clip_model}); "
           f"median of {args.repeats} steps after {args.warmup} warm-up")

@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -62,8 +60,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from machine import describe_machine  # noqa: E402
 from models import BlipCaptioner, CaptionObjective  # noqa: E402
 from models.captioner import resolve_architecture  # noqa: E402
 
@@ -278,19 +277,7 @@ def measured_peak(device: torch.device) -> tuple[float, str]:
 
 
 def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    hardware = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return (f"{hardware}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}")
+    return describe_machine(device)
 
 
 def main(argv=None):

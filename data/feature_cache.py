@@ -22,20 +22,19 @@ and renames it. Rows are streamed to disk as they are encoded and read back one 
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.datasets import CaptionTrainDataset, _ImageFileDataset
+import utils
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +114,6 @@ def _collate_rows(batch):
     rows = [row for row, pixels in batch if pixels is not None]
     pixels = [pixels for _, pixels in batch if pixels is not None]
     return [row for row, _ in batch], rows, (torch.stack(pixels) if pixels else None)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    # Never deleted: removing it while another process waits would let a third lock a fresh inode.
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class _SafetensorsWriter:
@@ -239,7 +226,7 @@ def ensure_feature_cache(dataset: CaptionTrainDataset, cache_dir: str | Path, fe
     path = cache_file_path(cache_dir, feature_key, dataset.image_root)
     if is_current(read_cache_metadata(path), feature_key, paths, stamps):
         return path
-    with _exclusive_lock(path.with_suffix(".lock")):
+    with utils.exclusive_lock(path.with_suffix(".lock")):
         if is_current(read_cache_metadata(path), feature_key, paths, stamps):  # another process built it
             return path
         logger.info("building the feature cache %s: %d images", path, len(paths))

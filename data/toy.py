@@ -40,8 +40,6 @@ Command line: ``python -m data.toy --root cache/toy`` prints the paths.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -52,11 +50,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image, ImageDraw
 
 from data.datasets import build_coco_gt
+import utils
 
 logger = logging.getLogger(__name__)
 
@@ -336,18 +334,6 @@ def _check_replaceable(root: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    # The lock file is never deleted: removing it while another process waits on it would
-    # let a third process lock a fresh inode and build concurrently.
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _positive_int(name: str, value: object, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -379,7 +365,7 @@ def ensure_toy_dataset(
     )
     root = Path(root).absolute()
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root.parent / f"{root.name}.lock"):
+    with utils.exclusive_lock(root.parent / f"{root.name}.lock"):
         if not _is_complete(root, manifest):
             _rebuild(root, manifest)
     return toy_paths(root)

@@ -48,9 +48,8 @@ from offline).
 from __future__ import annotations
 
 import csv
-import functools
 import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -7,8 +7,6 @@ folder (fcntl.flock, POSIX) makes concurrent callers (torchrun ranks) wait for o
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -17,8 +15,10 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import utils
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +104,6 @@ def _matches(folder: Path, recipe: dict, required: Iterable[str]) -> bool:
     return all((folder / name).is_file() for name in required)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    # Never deleted: removing it while another process waits would let a third lock a fresh inode.
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_built(folder: str | Path, recipe: dict, required: Iterable[str],
                  build: Callable[[Path], dict]) -> Path:
     """Run ``build(tmp_folder) -> report`` unless `folder` already holds a build of `recipe`; return `folder`.
@@ -128,7 +117,7 @@ def ensure_built(folder: str | Path, recipe: dict, required: Iterable[str],
     required = tuple(required)
     folder = Path(folder).absolute()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(folder.parent / f"{folder.name}.lock"):
+    with utils.exclusive_lock(folder.parent / f"{folder.name}.lock"):
         if _matches(folder, recipe, required):
             return folder
         if folder.exists():
