@@ -213,6 +213,13 @@ class BlipCaptioner(nn.Module):
         load_pretrained(self, source, cache_dir=Path(model_config["cache_dir"]).expanduser(),
                         strict=model_config["strict_loading"], sha256=model_config["pretrained_sha256"])
 
+    def export_directory(self, output_dir: str | Path) -> Path:
+        """What scripts/export_hf.py writes for this family: a stock ``BlipForConditionalGeneration`` +
+        ``BlipProcessor`` directory (models.checkpoint.save_transformers_directory)."""
+        from .checkpoint import save_transformers_directory
+
+        return save_transformers_directory(self, output_dir)
+
     def eval_transform(self):
         """BLIP's evaluation preprocessing at this model's image size (bicubic squash, CLIP mean/std)."""
         return eval_transform(self.image_size)

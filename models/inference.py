@@ -24,6 +24,7 @@ from imaging import open_rgb, to_rgb
 from .attention import set_attention
 from .captioner import DEFAULT_PROMPT, DEFAULT_TOKENIZER, BlipCaptioner, build_tokenizer
 from .families import CAPTIONER_FAMILIES
+from .prefix_captioner import PREFIX_DIRECTORY_FILE, PrefixCaptioner
 from .checkpoint import (
     DEFAULT_CACHE_DIR,
     CheckpointError,
@@ -106,6 +107,8 @@ class Captioner:
         if path.is_file() and is_own_checkpoint(path):
             model, generation, trained_amp = _from_training_checkpoint(path, tokenizer, prompt, attention)
             amp = trained_amp if amp is None else amp
+        elif path.is_dir() and (path / PREFIX_DIRECTORY_FILE).is_file():  # scripts/export_hf.py of a prefix LM
+            model = PrefixCaptioner.from_directory(path)
         elif path.is_dir() or looks_like_hub_id(source_text):
             if path.is_dir() and not (path / "config.json").exists():
                 raise CheckpointError(f"{path} is a directory without config.json: not a transformers model directory")

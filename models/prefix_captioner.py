@@ -57,6 +57,7 @@ PREFIX_SOURCES = ("pooled", "tokens")
 # them); current GPT-2 has neither, so they are the only keys a ClipCap loader may drop.
 _LEGACY_GPT2_BUFFERS = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 _TIED_LM_HEAD = "gpt.lm_head.weight"
+PREFIX_DIRECTORY_FILE = "prefix_captioner.json"  # marks a save_directory / scripts/export_hf.py folder
 
 
 @dataclass(frozen=True)
@@ -712,8 +713,13 @@ class PrefixCaptioner(nn.Module):
         save_file(mapper, str(output_dir / "prefix_mapper.safetensors"))
         extras = {"prefix": asdict(self.config), "max_text_length": self.max_text_length,
                   "append_eos": self.append_eos, "stop_token": self.stop_token}
-        (output_dir / "prefix_captioner.json").write_text(json.dumps(extras, indent=2))
+        (output_dir / PREFIX_DIRECTORY_FILE).write_text(json.dumps(extras, indent=2))
         return output_dir
+
+    def export_directory(self, output_dir: str | Path) -> Path:
+        """What scripts/export_hf.py writes for this family: ``save_directory``'s transformers GPT-2 and CLIP
+        folders plus the mapper, loadable with ``PrefixCaptioner.from_directory`` (or ``Captioner``)."""
+        return self.save_directory(output_dir)
 
     @classmethod
     def from_directory(cls, directory: str | Path, **options) -> "PrefixCaptioner":
@@ -721,7 +727,7 @@ class PrefixCaptioner(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        meta_file = directory / "prefix_captioner.json"
+        meta_file = directory / PREFIX_DIRECTORY_FILE
         if not meta_file.is_file():
             raise CheckpointError(f"{directory}: no prefix_captioner.json, not a prefix captioner directory")
         meta = json.loads(meta_file.read_text())

@@ -11,7 +11,10 @@ The directory loads with stock transformers classes only::
     caption = processor.decode(model.generate(**inputs, num_beams=3, max_length=75)[0], skip_special_tokens=True)
 
 The checkpoint's own config supplies the architecture, image size, tokenizer and prompt (the prompt is also
-written to ``smile_blip.json``). ``--push-to-hub`` uploads the directory when you are logged in
+written to ``smile_blip.json``). A prefix-LM checkpoint (``model.family: prefix``) exports as ``gpt2/`` and ``clip/``
+(ordinary transformers GPT-2 and CLIP vision directories), ``prefix_mapper.safetensors`` and
+``prefix_captioner.json``; ``models.PrefixCaptioner.from_directory(DIR)`` (or ``models.Captioner.from_pretrained``)
+loads it back. ``--push-to-hub`` uploads the directory when you are logged in
 (``huggingface-cli login``); it is never needed for local use.
 """
 import argparse
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import engine  # noqa: E402
-from models.checkpoint import load_checkpoint_file, save_transformers_directory  # noqa: E402
+from models.checkpoint import load_checkpoint_file  # noqa: E402
 
 
 def export(checkpoint: str | Path, output_dir: str | Path) -> Path:
@@ -34,7 +37,7 @@ def export(checkpoint: str | Path, output_dir: str | Path) -> Path:
     if not config:
         raise ValueError(f"{checkpoint} carries no config; export needs its model section (arch, image size, ...)")
     captioner = engine.build_captioner(config, torch.device("cpu"), pretrained=str(checkpoint))
-    return save_transformers_directory(captioner, output_dir)
+    return captioner.export_directory(output_dir)
 
 
 def main(argv=None):

@@ -286,3 +286,20 @@ def test_a_prefix_run_trains_on_cached_features_like_an_uncached_one(tokenizer_d
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 1
     # The same batches, dropout and updates: cached and uncached training give the same losses.
     np.testing.assert_allclose(losses["auto"], losses["off"], atol=1e-5, rtol=0)
+
+    # The family plugs into the rest unchanged: the run's checkpoint exports (scripts/export_hf.py) to GPT-2 and
+    # CLIP transformers folders plus the mapper, and the Captioner API gives the same captions from either.
+    import subprocess
+    import sys
+
+    from models import Captioner
+
+    checkpoint = tmp_path / "run_auto" / "checkpoint_best.safetensors"
+    exported = tmp_path / "exported"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"),
+                    str(checkpoint), str(exported)], check=True, capture_output=True)
+    assert (exported / "gpt2" / "config.json").is_file() and (exported / "clip" / "config.json").is_file()
+    image = Path(paths["image_root"]) / json.loads(train_file.read_text())[0]["image"]
+    from_checkpoint = Captioner.from_pretrained(checkpoint, device="cpu").caption(image, num_beams=2, max_length=8)
+    from_export = Captioner.from_pretrained(exported, device="cpu").caption(image, num_beams=2, max_length=8)
+    assert from_checkpoint == from_export and isinstance(from_checkpoint, str)
