@@ -4,11 +4,11 @@
 # LOG_DIR (default runs/gpu_checks); a failing part is reported and the next one still runs.
 #
 #   bash benchmarks/gpu_checks.sh [LOG_DIR]
-#   PARTS="tests generate" bash benchmarks/gpu_checks.sh      # a subset: tests generate train toy
+#   PARTS="tests generate" bash benchmarks/gpu_checks.sh      # a subset: tests generate train toy scst prefix_cache
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-runs/gpu_checks}
-PARTS=${PARTS:-tests generate train toy}
+PARTS=${PARTS:-tests generate train toy scst prefix_cache}
 PYTHON=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$LOG_DIR"
@@ -38,4 +38,9 @@ run_part train "$PYTHON" benchmarks/bench_train.py --preset base --image-size 38
   --paths baseline,optimised,optimised:mle,compiled
 run_part toy env PYTHON="$PYTHON" bash scripts/train.sh configs/toy/smile.yaml output_dir=runs/gpu_checks_toy \
   --overwrite
+# SCST on BLIP-base (phases of one step; the rewards' share) and the prefix LM's cached vs uncached step, at
+# CLIP ViT-B/32 + GPT-2 small sizes (random weights; not yet measured on a GPU).
+run_part scst "$PYTHON" benchmarks/bench_scst.py --preset base --image-size 384 --batch 32 --device cuda \
+  --reward '{"cider_d": 1.0}'
+run_part prefix_cache "$PYTHON" benchmarks/bench_prefix_cache.py --tower b32 --gpt2 small --device cuda
 exit $status

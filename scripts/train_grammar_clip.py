@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from data.captions import pre_caption  # noqa: E402
 from data.datasets import load_annotations  # noqa: E402
+from imaging import open_rgb  # noqa: E402
 from metrics.clip_metrics import CLIPSCORE_PREFIX, load_clip  # noqa: E402
 from metrics.rewards import GrammarHead, pooled_text_features, save_grammar_head  # noqa: E402
 
@@ -149,11 +149,6 @@ def read_pairs(config: dict) -> tuple[list[tuple[Path, str]], Path]:
     return pairs, root
 
 
-def _rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 def train(config: dict) -> dict:
     rng = random.Random(config["seed"])
     torch.manual_seed(config["seed"])
@@ -168,6 +163,11 @@ def train(config: dict) -> dict:
         by_image.setdefault(path, []).append(caption)
     image_paths = sorted(by_image)
 
+    if config["toy_root"]:  # the toy CLIP stand-in is built on first use, as the toy training flow builds it
+        from toy_pretrained import ensure_for_config
+
+        ensure_for_config({"data": {"toy": True, "toy_root": config["toy_root"]},
+                           "eval": {"metrics": ["clipscore"], "clip_model": config["clip_model"]}})
     clip = load_clip(config["clip_model"], config["device"])
     model, device = clip.model, clip.device
     for module in (model.vision_model, model.visual_projection):
@@ -183,7 +183,7 @@ def train(config: dict) -> dict:
         model.text_model.train()
         chosen = rng.sample(image_paths, batch_size)
         batch = [(path, rng.choice(by_image[path])) for path in chosen]
-        images = [_rgb(path) for path, _ in batch]
+        images = [open_rgb(path) for path, _ in batch]
         pixels = clip.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         with torch.no_grad():
             pooled_image = model.vision_model(pixel_values=pixels).pooler_output

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 import engine
-import eval_caption
 import train_caption
 import utils
 from checkpointing import LATEST
@@ -156,6 +155,17 @@ def test_existing_run_and_eval_checkpoint_errors_are_one_clean_line(toy, tmp_pat
     shown = _run("eval_caption.py", "--config", str(eval_dir), "--checkpoint", str(truncated),
                  env_extra={utils.TRACEBACK_ENV: "1"})
     assert shown.returncode == 1 and "Traceback" in shown.stderr and "CheckpointError" in shown.stderr
+
+
+@pytest.mark.slow
+def test_an_unreadable_evaluation_image_is_one_clean_line(toy, tmp_path):
+    val = json.loads(Path(toy["paths"]["val_file"]).read_text())[:3]
+    val.append({"image": "images/missing_000999.png", "caption": ["a red circle"]})
+    val_file = tmp_path / "val_missing.json"
+    val_file.write_text(json.dumps(val))
+    config = _tiny_config(toy, tmp_path, tmp_path / "eval_missing",
+                          **{"data.val_file": str(val_file), "data.val_gt": None, "eval.max_images": None})
+    _assert_clean(_run("eval_caption.py", "--config", str(config), "--split", "val"), "missing_000999.png")
 
 
 @pytest.mark.slow
