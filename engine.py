@@ -525,7 +525,7 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
     if resume_from is not None and progress.batches_done == 0:
         checkpointing.restore_rng_from(progress)  # at an epoch boundary the next epoch's loader has not drawn yet
     log = utils.JsonlLogger(output_dir / "log.jsonl", _open_tensorboard(config, output_dir, resume_from, progress))
-    logger.info("objective %s; %d training captions, %d steps per epoch, %d process(es)", step,
+    logger.info("objective %s; %d training samples, %d steps per epoch, %d process(es)", step,
                 len(train_loader.dataset), len(train_loader), utils.get_world_size())
 
     def save_latest():

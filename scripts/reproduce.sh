@@ -9,11 +9,14 @@
 # checkpoint on test); the rows' <output_dir>/test_metrics.json become the table (scripts/make_table.py), printed
 # next to the published numbers where the SMILE authors published some. Overrides apply to every row.
 #
-#   ROWS       rows to run, in order (default coco/flickr30k: mle smile mle_smile random_subset reverse_subset
-#              smile_no_first_token; toy: mle smile mle_smile). The table lists the rows of ROWS.
+#   ROWS       rows to run, in order (default flickr30k: mle smile mle_smile random_subset reverse_subset
+#              smile_no_first_token; coco: those, then the SCST rows scst_cider scst_clips scst_clips_cider
+#              scst_clips_grammar scst_clips_from_smile scst_clips_smile and the prefix-LM rows prefix_mle
+#              prefix_smile prefix_smile_from_mle prefix_transformer_mle prefix_transformer_smile; toy: mle smile
+#              mle_smile, the SCST rows, prefix_mle prefix_smile prefix_smile_from_mle). The table lists the rows of ROWS.
 #   RUNS_DIR   put row R's output in RUNS_DIR/R (default: the config's output_dir)
 #   METRICS    eval.metrics for the test split (default coco/flickr30k: the paper's metrics,
-#              coco,length,diversity,retrieval,clipscore,ppl, which need CLIP and GPT-2 weights (eval.clip_model,
+#              coco,length,diversity,retrieval,clipscore,ppl, plus chair on coco, which need CLIP and GPT-2 weights (eval.clip_model,
 #              eval.ppl_model); toy: the config's, every one of those plus toy_grounding, with the toy CLIP
 #              and GPT-2 that the first toy row builds, offline, in cache/toy_clip and cache/toy_gpt2)
 #   SKIP_DONE  1: keep a row whose test_metrics.json exists instead of training it again (default 0)
@@ -35,12 +38,19 @@ usage() { echo "usage: bash scripts/reproduce.sh coco|flickr30k|toy [KEY=VALUE .
 DATASET=$1
 shift
 COMMAND_ARGS="$*"
+# Self-critical rows start from the MLE (or SMILE) row's best checkpoint, so they come after those rows.
+RL_ROWS="scst_cider scst_clips scst_clips_cider scst_clips_grammar scst_clips_from_smile scst_clips_smile"
+PREFIX_ROWS="prefix_mle prefix_smile prefix_smile_from_mle"
 case "$DATASET" in
-  coco|flickr30k)
+  coco)
+    ALL_ROWS="mle smile mle_smile random_subset reverse_subset smile_no_first_token $RL_ROWS $PREFIX_ROWS prefix_transformer_mle prefix_transformer_smile"
+    # + CHAIR: its columns appear when eval.instances (datasets/coco/annotations/instances_val2014.json) exists
+    DEFAULT_METRICS="coco,length,diversity,retrieval,clipscore,ppl,chair" ;;
+  flickr30k)
     ALL_ROWS="mle smile mle_smile random_subset reverse_subset smile_no_first_token"
     DEFAULT_METRICS="coco,length,diversity,retrieval,clipscore,ppl" ;;
   toy)
-    ALL_ROWS="mle smile mle_smile"
+    ALL_ROWS="mle smile mle_smile $RL_ROWS $PREFIX_ROWS"
     DEFAULT_METRICS="" ;;
   *) echo "reproduce.sh: unknown dataset '$DATASET'" >&2; usage ;;
 esac
@@ -63,6 +73,12 @@ done
 declare -A NAMES=(
   [mle]="MLE" [smile]="SMILE" [mle_smile]="MLE+SMILE 0.01:0.99" [random_subset]="Random subset"
   [reverse_subset]="Reverse subset" [smile_no_first_token]="SMILE w/o first-token MLE"
+  [scst_cider]="SCST CIDEr-D" [scst_clips]="SCST CLIP-S" [scst_clips_cider]="SCST CLIP-S+CIDEr-D"
+  [scst_clips_grammar]="SCST CLIP-S+grammar" [scst_clips_from_smile]="SCST CLIP-S from SMILE"
+  [scst_clips_smile]="SCST CLIP-S + SMILE 0.1" [prefix_mle]="Prefix LM (ClipCap) MLE"
+  [prefix_smile]="Prefix LM (ClipCap) SMILE" [prefix_smile_from_mle]="Prefix LM (ClipCap) MLE, then SMILE"
+  [prefix_transformer_mle]="Prefix LM, transformer mapper, MLE"
+  [prefix_transformer_smile]="Prefix LM, transformer mapper, SMILE"
 )
 
 # Resolve every row's config in one process before any training (this validates each config and override) and
@@ -106,6 +122,16 @@ if [[ "$DATASET" != toy && "${CHECK_DATA:-1}" != 0 ]]; then
       --check-only
   else
     echo "reproduce.sh: $VAL_FILE is not in an annotations/ folder; skipping the prepare_data.py check" >&2
+  fi
+fi
+
+# The grammar reward's fine-tuned CLIP (scripts/train_grammar_clip.py), before the row that needs it.
+if [[ " $ROWS " == *" scst_clips_grammar "* ]]; then
+  grammar_dir=$("$PYTHON" -c 'import sys, engine; print(engine.load_config(sys.argv[1])["objective"]["scst"]["grammar_model"])' \
+    "configs/$DATASET/scst_clips_grammar.yaml")
+  if [[ ! -f "$grammar_dir/grammar_head.safetensors" ]]; then
+    echo "== grammar CLIP: python scripts/train_grammar_clip.py --config configs/grammar_clip/$DATASET.yaml"
+    "$PYTHON" scripts/train_grammar_clip.py --config "configs/grammar_clip/$DATASET.yaml"
   fi
 fi
 

@@ -55,7 +55,7 @@ def test_toy_training_learns_and_eval_reproduces_validation(tmp_path):
     assert len(results) == 100 and len({r["image_id"] for r in results}) == 100
 
 
-def _torchrun_train(tmp_path, nproc, batch_size, name):
+def _torchrun_train(tmp_path, nproc, batch_size, name, extra=()):
     output_dir = tmp_path / name
     report = tmp_path / f"{name}.json"
     overrides = [
@@ -63,7 +63,7 @@ def _torchrun_train(tmp_path, nproc, batch_size, name):
         f"train.batch_size={batch_size}", "train.max_steps=3", "train.epochs=1", "train.log_every=1",
         "train.test_after_training=false", "train.validate=true", "data.augment=false", "eval.max_images=25",
         "train.lr=1e-3",
-        "model.arch={preset: tiny, text_dropout: 0.0}",
+        "model.arch={preset: tiny, text_dropout: 0.0}", *extra,
     ]
     env = {**os.environ, "NPROC": str(nproc), "ENTRY": "tests/distributed_worker.py", "REPORT": str(report),
            "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
@@ -91,3 +91,17 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert len(losses_two) == len(losses_one) == 3
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
     assert two["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_scst_mixed_with_smile_keeps_the_ranks_in_sync(tmp_path):
+    """SCST under DDP: every rank samples its own images, the gradients are all-reduced (the ranks' parameters
+    stay identical) and the logged statistics are global."""
+    report, output_dir = _torchrun_train(tmp_path, nproc=2, batch_size=4, name="scst_ddp", extra=(
+        "objective={scst: {samples: 2, max_tokens: 6, reward: cider_d}, smile: 0.1}", "data.train_per_image=true",
+        f"model.cache_dir={tmp_path / 'model_cache'}", "train.validate=false"))
+    assert report["world_size"] == 2 and report["checksums"][0] == report["checksums"][1]
+    records = [r for r in _log(output_dir / "log.jsonl") if r["kind"] == "train"]
+    assert len(records) == 3
+    assert all({"loss_scst", "loss_smile", "reward", "greedy_reward", "advantage", "reward_cider_d"} <= set(r)
+               for r in records)
