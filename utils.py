@@ -13,10 +13,11 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -321,6 +322,33 @@ def exclusive_lock(lock_path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def build_folder(folder: str | Path, write: Callable[[Path], Any]) -> Any:
+    """Build ``folder`` so that no reader ever sees it half-written: ``write(tmp)`` fills a temporary sibling, which
+    then replaces ``folder`` by renames; returns what ``write`` returned. Hold ``exclusive_lock`` around the call:
+    leftovers of a builder that was killed are removed first, and an existing ``folder`` is only replaced once the
+    new one is complete.
+    """
+    folder = Path(folder)
+    prefix = f".{folder.name}.building-"
+    for leftover in folder.parent.glob(f"{prefix}*"):  # the lock is held: nobody else is building
+        shutil.rmtree(leftover, ignore_errors=True)
+    building = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
+    try:
+        result = write(building)
+        os.chmod(building, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        if folder.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
+            os.rename(folder, stale / "old")
+            os.rename(building, folder)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.rename(building, folder)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return result
 
 
 def publish_file(temporary: str | Path, path: str | Path) -> None:

@@ -45,8 +45,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,24 +372,8 @@ def ensure_toy_dataset(
 def _rebuild(root: Path, manifest: dict) -> None:
     """Generate into a temporary sibling folder, then swap it in with renames (lock held)."""
     _check_replaceable(root)
-    building_prefix = f".{root.name}.building-"
-    # We hold the lock, so any leftover build folder is from a process that was killed.
-    for leftover in root.parent.glob(f"{building_prefix}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
     started = time.perf_counter()
-    building = Path(tempfile.mkdtemp(prefix=building_prefix, dir=root.parent))
-    try:
-        _write_dataset(building, manifest)
-        if root.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale-", dir=root.parent))
-            os.rename(root, stale / "old")
-            os.rename(building, root)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.rename(building, root)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+    utils.build_folder(root, lambda building: _write_dataset(building, manifest))
     logger.info("built toy dataset %s in %.2f s", root, time.perf_counter() - started)
 
 

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -125,27 +121,16 @@ def ensure_built(folder: str | Path, recipe: dict, required: Iterable[str],
             if not folder.is_dir() or (any(folder.iterdir()) and (existing or {}).get("generator") != recipe["generator"]):
                 raise FileExistsError(f"{folder} exists and holds no {recipe['generator']} build (no matching "
                                       "manifest.json); refusing to replace it (delete it or name another folder)")
-        prefix = f".{folder.name}.building-"
-        for leftover in folder.parent.glob(f"{prefix}*"):  # from a killed builder: we hold the lock
-            shutil.rmtree(leftover, ignore_errors=True)
         started = time.perf_counter()
-        building = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
-        try:
+
+        def write(building: Path) -> dict:
             report = build(building)
             manifest = {**recipe, "report": report, "build_seconds": round(time.perf_counter() - started, 1)}
             (building / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-            os.chmod(building, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-            if folder.exists():
-                stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
-                os.rename(folder, stale / "old")
-                os.rename(building, folder)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.rename(building, folder)
-        except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
-            raise
-        logger.info("built %s in %.1f s: %s", folder, manifest["build_seconds"], report)
+            return manifest
+
+        manifest = utils.build_folder(folder, write)
+        logger.info("built %s in %.1f s: %s", folder, manifest["build_seconds"], manifest["report"])
     return folder
 
 
@@ -153,5 +138,4 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warmup over `warmup` steps, then cosine to 0 at `total`."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return utils.cosine_lr(min(step - warmup, total - warmup), total - warmup, 1.0)
