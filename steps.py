@@ -19,6 +19,7 @@ reference captions in the same forward pass. The YAML form::
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -134,12 +135,11 @@ class ScstStep:
     with gradients. Statistics are averaged over ranks when logged.
     """
 
-    def __init__(self, scst: dict, token_objective: CaptionObjective | None, rewards, device: torch.device):
+    def __init__(self, scst: dict, token_objective: CaptionObjective | None, rewards):
         self.timings: dict[str, float] | None = None  # benchmarks/bench_scst.py sets a dict: seconds per phase
         self.options = scst
         self.token_objective = token_objective
         self.rewards = rewards
-        self.device = device
         self.clip = rewards.context.clip() if any(name in CLIP_REWARDS for name, _, _ in rewards.components) else None
 
     def __call__(self, model, captioner, images, captions, image_ids):
@@ -224,8 +224,6 @@ class _PhaseClock:
         self.start = self._now() if store is not None else 0.0
 
     def _now(self) -> float:
-        import time
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
@@ -261,4 +259,4 @@ def build_step(config: dict, captioner, train_dataset, device: torch.device):
         cache_dir=Path(config["model"]["cache_dir"]).expanduser() / "cider_d", clip_model=config["eval"]["clip_model"],
         grammar_model=scst["grammar_model"], device=device,
     )
-    return ScstStep(scst, token_objective, rewards, device)
+    return ScstStep(scst, token_objective, rewards)

@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     rewards = RewardMixture(json.loads(args.reward), references=references, clip_model=args.clip_model,
                             device=device, cache_dir=workdir / "cider_d")
     scst, _ = steps.split_objective({"scst": {"samples": args.samples, "max_tokens": args.max_tokens}})
-    step = steps.ScstStep(scst, None, rewards, device)
+    step = steps.ScstStep(scst, None, rewards)
     optimizer = torch.optim.AdamW(captioner.parameters(), lr=1e-5)
     captioner.train()
 

@@ -283,14 +283,6 @@ class CachedFeatureDataset(Dataset):
     def per_image(self) -> bool:
         return self.dataset.per_image
 
-    @property
-    def images(self):
-        return self.dataset.images
-
-    @property
-    def image_root(self) -> Path:
-        return self.dataset.image_root
-
     def __len__(self) -> int:
         return len(self.dataset)
 

@@ -103,7 +103,7 @@ class _ConstantReward:
 def test_constant_reward_gives_zero_advantage_and_zero_gradient(fixture_captioner, baseline):
     captioner = fixture_captioner.train()
     scst, _ = steps.split_objective({"scst": {"samples": 3, "baseline": baseline, "max_tokens": 6}})
-    step = steps.ScstStep(scst, None, _ConstantReward(), torch.device("cpu"))
+    step = steps.ScstStep(scst, None, _ConstantReward())
     loss, parts, stats = step(captioner, captioner, _images(2), ["a dog", "a cat"], torch.tensor([1, 2]))
     assert stats["advantage"] == 0 and loss == 0
     loss.backward()
@@ -119,7 +119,7 @@ def test_scst_mixed_with_smile_adds_the_reference_rows_in_the_same_forward(fixtu
     scst, token_spec = steps.split_objective({"scst": {"samples": 2, "max_tokens": 6}, "smile": 0.1})
     assert token_spec == {"smile": 0.1}
     smile = CaptionObjective(token_spec)
-    step = steps.ScstStep(scst, smile, _ConstantReward(), torch.device("cpu"))
+    step = steps.ScstStep(scst, smile, _ConstantReward())
     images, captions = _images(2), ["a small white cat on a table", "a dog"]
     loss, parts, _ = step(captioner, captioner, images, captions, torch.tensor([1, 2]))
     input_ids, attention_mask = captioner.tokenize(captions)

@@ -22,8 +22,8 @@ def _needs(config: dict) -> dict[str, set]:
     parts of a prefix captioner (model.family: prefix)."""
     groups = set(config["eval"]["metrics"])
     objective = config.get("objective")
-    scst = objective.get("scst") if isinstance(objective, dict) else None
-    rewards = (scst or {}).get("reward", "cider_d") if isinstance(objective, dict) and "scst" in objective else ()
+    scst = objective.get("scst") or {} if isinstance(objective, dict) and "scst" in objective else None
+    rewards = () if scst is None else scst.get("reward", "cider_d")  # cider_d: steps.SCST_DEFAULTS
     reward_names = {rewards} if isinstance(rewards, str) else set(rewards)
     needs = {"clip": set(), "gpt2": set()}
     if groups & CLIP_GROUPS or reward_names & {"clip_s", "ref_clip_s"}:
