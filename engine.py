@@ -205,8 +205,7 @@ def cached_feature_dataset(config: dict, captioner, dataset: CaptionTrainDataset
     if mode == "off":
         return dataset
     key = captioner.cached_feature_key(repr(dataset.transform))
-    scst, _ = steps.split_objective(config["objective"])
-    rewards = [] if scst is None else [scst["reward"]] if isinstance(scst["reward"], str) else list(scst["reward"])
+    rewards = steps.reward_names(config["objective"])
     if key is None:
         reason = (f"model.family {config['model']['family']} has no frozen image features (BLIP trains its ViT; a "
                   "prefix captioner needs a CLIP tower and model.prefix.train_vision: false)")

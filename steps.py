@@ -91,6 +91,15 @@ def split_objective(spec) -> tuple[dict | None, str | dict | None]:
     return scst, (rest or None)
 
 
+def reward_names(spec) -> list[str] | None:
+    """The reward names of ``objective``'s SCST part (``[]`` without one); None when ``reward`` is malformed."""
+    scst, _ = split_objective(spec)
+    if scst is None:
+        return []
+    reward = scst["reward"]
+    return [reward] if isinstance(reward, str) else list(reward) if isinstance(reward, Mapping) else None
+
+
 def check_objective(spec) -> None:
     """Validate ``objective`` (SCST options, reward names, token-level parts) without loading any model."""
     scst, token_spec = split_objective(spec)
@@ -99,11 +108,10 @@ def check_objective(spec) -> None:
     if scst is not None:
         from metrics.rewards import REWARDS
 
-        reward = scst["reward"]
-        names = [reward] if isinstance(reward, str) else list(reward) if isinstance(reward, Mapping) else None
+        names = reward_names(spec)
         if not names or any(name not in REWARDS for name in names):
             raise ValueError(f"objective.scst.reward must be a reward name or a mapping name -> weight, got "
-                             f"{reward!r}; valid names: {sorted(REWARDS)}")
+                             f"{scst['reward']!r}; valid names: {sorted(REWARDS)}")
 
 
 class TeacherForcedStep:
