@@ -61,6 +61,9 @@ def load_config(path: str | Path, overrides=()) -> dict:
         value = utils.get_by_path(config, key)
         if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
             raise utils.ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    micro = config["train"]["micro_batch_size"]
+    if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
+        raise utils.ConfigError(f"train.micro_batch_size must be a positive integer or null, got {micro!r}")
     return config
 
 
@@ -335,17 +338,17 @@ def train_one_epoch(model, captioner: CaptionModel, loader, step, optimizer, con
         for group in optimizer.param_groups:
             group["lr"] = lr
         images = images.to(device, non_blocking=True)
-        with autocast_context(config, device):
-            loss, parts, stats = step(model, captioner, images, captions, image_ids)  # steps.py
-        if _any_rank_nonfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts, stats, finite = steps.accumulate_gradients(
+            model, captioner, step, images, captions, image_ids, micro_batch_size=train_config["micro_batch_size"],
+            precision=lambda: autocast_context(config, device), all_finite=_all_ranks_finite)
+        if not finite:
             _handle_nonfinite(config, progress, image_ids, log)
             optimizer.zero_grad(set_to_none=True)
             progress.global_step += 1
             progress.batches_done = batch_index + 1
             continue
         log_now = (progress.global_step + 1) % train_config["log_every"] == 0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         # After backward, DDP has all-reduced the gradients, so this norm is the global one on every rank.
         grad_norm = None
         if train_config["grad_clip"] and train_config["grad_clip_mode"] == "norm":
@@ -389,11 +392,11 @@ def train_one_epoch(model, captioner: CaptionModel, loader, step, optimizer, con
             "images_per_second": epoch_count * train_config["batch_size"] * utils.get_world_size() / max(elapsed, 1e-9)}
 
 
-def _any_rank_nonfinite(loss: torch.Tensor) -> bool:
+def _all_ranks_finite(loss: torch.Tensor) -> bool:
     flag = (~torch.isfinite(loss.detach())).float()
     if utils.is_distributed():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    return not bool(flag.item())
 
 
 def _handle_nonfinite(config: dict, progress: checkpointing.TrainProgress, image_ids: torch.Tensor,

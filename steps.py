@@ -7,6 +7,13 @@ shared (engine.train_one_epoch); a kind of step is one small class with one sign
 * ``parts``: the objective's unweighted terms (logged as ``loss_<name>``);
 * ``stats``: other numbers worth logging (rewards, advantage, sample length), scalar tensors.
 
+A call is two phases, which gradient accumulation (``accumulate_gradients``) runs separately:
+``step.prepare(captioner, images, captions, image_ids)`` does the work without gradients (tokenising; for SCST
+sampling and rewards) and says how many items each loss term averages over (``Prepared.counts``), and
+``step.loss(model, captioner, prepared, shares)`` runs the forward with each term scaled by its share
+(``loss_shares``). Splitting a batch into micro-batches therefore gives exactly the loss and gradients of the
+whole batch: every term is a mean over the whole batch's tokens (or sequences), not a mean of micro-batch means.
+
 ``TeacherForcedStep`` is every token-level objective (MLE, SMILE, the ablations and their mixtures).
 ``ScstStep`` is self-critical sequence training (Rennie et al. 2017): sample k captions per image, score them
 with a reward mixture (metrics/rewards.py), subtract the baseline (the greedy caption's reward, or the mean of
@@ -18,9 +25,11 @@ reference captions in the same forward pass. The YAML form::
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,19 +50,37 @@ SCST_DEFAULTS = {"weight": 1.0, "reward": "cider_d", "samples": 5, "baseline": "
 CLIP_REWARDS = ("clip_s", "ref_clip_s")
 
 
-def token_share(targets: torch.Tensor) -> torch.Tensor:
-    """world_size x (this rank's scored tokens / all ranks' scored tokens); 1 in a single process.
+def scored_tokens(targets: torch.Tensor) -> torch.Tensor:
+    """The number of positions of ``targets`` (N, T) that carry a loss (float scalar)."""
+    return (targets != IGNORE_INDEX).sum().float()
 
-    Objectives average over this rank's tokens, and DDP averages gradients over ranks; scaling by this share
-    makes the result the mean over *all* tokens of the global batch, so N processes with batch B/N train exactly
-    like one process with batch B (ranks with shorter captions would otherwise count for more).
+
+def loss_shares(counts: torch.Tensor) -> torch.Tensor:
+    """(M, K) items per loss term and micro-batch -> (M, K) scales for the terms' micro-batch means.
+
+    Each of the K loss terms of a step is a mean over its own items (scored tokens, or sequences); micro-batch m
+    computes it over its ``counts[m, k]`` items. Scaling that mean by ``world_size x counts[m, k] / total_k``,
+    where ``total_k`` sums the counts over the M micro-batches of this rank and over every rank, makes the sum of
+    the scaled micro-batch losses, after DDP's gradient average over ranks, the mean over *all* items of the
+    global batch. So N processes with batch B/N, or one process accumulating B in micro-batches, train exactly
+    like one process with batch B (ranks or micro-batches with shorter captions would otherwise count for more).
+    One all-reduce per step, of K numbers; in one process without accumulation every share is 1.
     """
-    if not utils.is_distributed():
-        return torch.ones((), device=targets.device)
-    local = (targets != IGNORE_INDEX).sum().float()
-    total = local.clone()
-    torch.distributed.all_reduce(total)
-    return local * utils.get_world_size() / total.clamp(min=1)
+    totals = counts.sum(dim=0)
+    if utils.is_distributed():
+        torch.distributed.all_reduce(totals)
+    return counts * utils.get_world_size() / totals.clamp(min=1)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What ``step.prepare`` computed for one (micro-)batch: its inputs, the gradient-free work (``work``: the
+    step's own fields) and ``counts`` (K,), the number of items each of the step's loss terms averages over."""
+
+    images: torch.Tensor
+    image_ids: torch.Tensor
+    counts: torch.Tensor
+    work: dict
 
 
 def split_objective(spec) -> tuple[dict | None, str | dict | None]:
@@ -114,25 +141,40 @@ def check_objective(spec) -> None:
                              f"{scst['reward']!r}; valid names: {sorted(REWARDS)}")
 
 
-class TeacherForcedStep:
-    """A token-level objective on the batch's reference captions (one teacher-forced forward)."""
+class _TwoPhaseStep:
+    """``__call__`` for a step that has ``prepare`` and ``loss``: the whole batch as one micro-batch."""
+
+    def __call__(self, model, captioner, images, captions, image_ids):
+        prepared = self.prepare(captioner, images, captions, image_ids)
+        return self.loss(model, captioner, prepared, loss_shares(prepared.counts.unsqueeze(0))[0])
+
+
+class TeacherForcedStep(_TwoPhaseStep):
+    """A token-level objective on the batch's reference captions (one teacher-forced forward); one loss term,
+    the mean over the batch's scored tokens."""
 
     def __init__(self, objective: CaptionObjective):
         self.objective = objective
 
-    def __call__(self, model, captioner, images, captions, image_ids):
+    def prepare(self, captioner, images, captions, image_ids) -> Prepared:
         input_ids, attention_mask = captioner.tokenize(captions)
         targets = captioner.build_targets(input_ids, attention_mask)
+        return Prepared(images, image_ids, scored_tokens(targets).view(1),
+                        {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets})
+
+    def loss(self, model, captioner, prepared: Prepared, shares: torch.Tensor):
+        work = prepared.work
         # The loss is computed inside the (DDP-wrapped) forward so that pure SMILE can use its token-set head
         # instead of full-vocabulary logits.
-        loss, parts = model(images, input_ids, attention_mask, targets=targets, objective=self.objective)
-        return loss * token_share(targets), parts, {}
+        loss, parts = model(prepared.images, work["input_ids"], work["attention_mask"], targets=work["targets"],
+                            objective=self.objective)
+        return loss * shares[0], parts, {}
 
     def __repr__(self) -> str:
         return repr(self.objective)
 
 
-class ScstStep:
+class ScstStep(_TwoPhaseStep):
     """Self-critical sequence training, with an optional token-level objective on the references.
 
     Per batch of B images: k samples per image (multinomial, temperature 1) and, for ``baseline: greedy``, one
@@ -150,7 +192,9 @@ class ScstStep:
         self.rewards = rewards
         self.clip = rewards.context.clip() if any(name in CLIP_REWARDS for name, _, _ in rewards.components) else None
 
-    def __call__(self, model, captioner, images, captions, image_ids):
+    def prepare(self, captioner, images, captions, image_ids) -> Prepared:
+        """Sampling, rewards and advantages (no gradients); two loss terms: the policy gradient, a mean over the
+        sampled tokens (``normalize: tokens``) or sequences, and the token objective's mean over reference tokens."""
         options, batch = self.options, images.shape[0]
         samples = options["samples"]
         was_training = captioner.training
@@ -192,20 +236,28 @@ class ScstStep:
         input_ids, attention_mask = _pad_and_stack(rows_ids, rows_mask)
         targets = captioner.build_targets(input_ids, attention_mask)
         n = batch * samples
-        scales = (token_share(targets[:n]) if options["normalize"] == "tokens" else torch.ones((), device=images.device),
-                  token_share(targets[n:]) if self.token_objective is not None else 1.0)
-        objective = PolicyGradientObjective(advantages, n, weight=options["weight"], normalize=options["normalize"],
-                                            token_objective=self.token_objective, scales=scales)
-        loss, parts = model(images, input_ids, attention_mask, targets=targets, objective=objective,
-                            image_index=torch.cat(rows_image))
-        clock.lap("forward")
+        pg_items = scored_tokens(targets[:n]) if options["normalize"] == "tokens" else torch.tensor(
+            float(n), device=images.device)  # "none" and "length" average over the sampled sequences
+        counts = torch.stack([pg_items, scored_tokens(targets[n:])])
         stats = {"reward": sample_rewards.float().mean(), "advantage": advantages.mean(),
                  "sample_length": sample_mask.sum(dim=1).float().mean()}
         if greedy is not None:
             stats["greedy_reward"] = baseline.float().mean()
         for name, values in reward_parts.items():
             stats[f"reward_{name}"] = values[: n].to(images.device).mean()
-        return loss, parts, stats
+        work = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets,
+                "image_index": torch.cat(rows_image), "advantages": advantages, "stats": stats, "clock": clock}
+        return Prepared(images, image_ids, counts, work)
+
+    def loss(self, model, captioner, prepared: Prepared, shares: torch.Tensor):
+        work, n = prepared.work, prepared.images.shape[0] * self.options["samples"]
+        objective = PolicyGradientObjective(work["advantages"], n, weight=self.options["weight"],
+                                            normalize=self.options["normalize"], token_objective=self.token_objective,
+                                            scales=(shares[0], shares[1]))
+        loss, parts = model(prepared.images, work["input_ids"], work["attention_mask"], targets=work["targets"],
+                            objective=objective, image_index=work["image_index"])
+        work["clock"].lap("forward")
+        return loss, parts, work["stats"]
 
     def _clip_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) unit-norm CLIP image features of the batch the captioner sees, computed on its device.
@@ -222,6 +274,53 @@ class ScstStep:
     def __repr__(self) -> str:
         mixed = f" + {self.token_objective}" if self.token_objective is not None else ""
         return f"ScstStep({self.rewards}, samples={self.options['samples']}, baseline={self.options['baseline']}){mixed}"
+
+
+def micro_batch_bounds(batch_size: int, micro_batch_size: int | None) -> list[tuple[int, int]]:
+    """[(start, stop), ...] splitting ``batch_size`` rows into chunks of at most ``micro_batch_size`` (None: one)."""
+    size = micro_batch_size or batch_size
+    return [(start, min(start + size, batch_size)) for start in range(0, batch_size, size)]
+
+
+def accumulate_gradients(model, captioner, step, images, captions, image_ids, micro_batch_size: int | None = None,
+                         precision=nullcontext, all_finite=None):
+    """Forward and backward of one optimiser step's batch, in micro-batches of at most ``micro_batch_size`` images.
+
+    Adds the batch's gradients to ``.grad`` (the caller zeroes them before and steps the optimiser after). Every
+    micro-batch is prepared first (``step.prepare``: tokenising, SCST's sampling, all under ``precision()``, e.g.
+    autocast), then the counts give each loss term its share of the *whole* batch (``loss_shares``, one
+    all-reduce), so the accumulated gradient equals the one-batch gradient up to float rounding (dropout and
+    random draws aside); activations live for one micro-batch at a time. Under DDP the gradient all-reduce runs
+    once, in the last micro-batch's backward (``no_sync`` before it).
+
+    ``all_finite(loss) -> bool`` (e.g. a flag all-reduced over ranks) is asked about the summed loss before the
+    last backward; when it says no, that backward is skipped and ``finite`` is False: the caller drops the step.
+
+    Returns ``(loss, parts, stats, finite)``: the batch's loss (detached; what one-batch ``step`` returns), and
+    ``parts``/``stats`` averaged over micro-batches weighted by their number of images (for logging).
+    """
+    bounds = micro_batch_bounds(len(captions), micro_batch_size)
+    with precision():
+        prepared = [step.prepare(captioner, images[start:stop], captions[start:stop], image_ids[start:stop])
+                    for start, stop in bounds]
+    shares = loss_shares(torch.stack([chunk.counts for chunk in prepared]))
+    total = torch.zeros((), device=images.device)
+    parts_sum: dict[str, torch.Tensor] = {}
+    stats_sum: dict[str, torch.Tensor] = {}
+    for index, (chunk, share) in enumerate(zip(prepared, shares)):
+        with precision():
+            loss, parts, stats = step.loss(model, captioner, chunk, share)
+        weight = chunk.images.shape[0] / len(captions)
+        for store, values in ((parts_sum, parts), (stats_sum, stats)):
+            for name, value in values.items():
+                store[name] = store.get(name, 0.0) + weight * value.detach().float()
+        total = total + loss.detach().float()
+        last = index == len(prepared) - 1
+        if last and all_finite is not None and not all_finite(total):
+            return total, parts_sum, stats_sum, False
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            loss.backward()
+    return total, parts_sum, stats_sum, True
 
 
 class _PhaseClock:

@@ -188,3 +188,109 @@ def test_prefix_rollouts_end_at_eos_or_the_stop_token(tmp_path):
     targets = captioner.build_targets(ids, mask)
     logits = captioner(_images(2), ids, mask, image_index=torch.arange(2).repeat_interleave(3))
     assert logits.shape[:2] == targets.shape
+
+
+# Gradient accumulation ------------------------------------------------------------------------------------------
+
+
+def _without_dropout(captioner):
+    for module in captioner.modules():  # one function for every split of the batch
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return captioner.train()
+
+
+def _optimiser_step(captioner, step, images, captions, image_ids, micro_batch_size):
+    """One optimiser step from a copy of ``captioner``: (loss, gradients, parameters after the step, parts).
+
+    The step is SGD, whose update is linear in the gradient, so equal gradients give equal parameters; AdamW's
+    first step is ``lr * sign(g)`` and turns float rounding on near-zero gradient entries into full-size updates.
+    """
+    model = copy.deepcopy(captioner)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    optimizer.zero_grad(set_to_none=True)
+    loss, parts, _, finite = steps.accumulate_gradients(model, model, step, images, captions, image_ids,
+                                                        micro_batch_size=micro_batch_size)
+    assert finite
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    optimizer.step()
+    return loss, grads, [p.detach().clone() for p in model.parameters()], parts
+
+
+def _assert_same_step(first, second):
+    (loss_a, grads_a, params_a, _), (loss_b, grads_b, params_b, _) = first, second
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+_CAPTIONS = ["a dog", "a small white cat on a wooden table", "two people", "a red bus parked at the side of a road",
+             "a man riding a wave on top of a surfboard", "a bowl of fruit", "a plane", "a train at a station"]
+
+
+@pytest.mark.parametrize("objective", ["mle", {"mle": 0.3, "smile": 0.7}])
+def test_micro_batches_of_8_times_4_equal_one_batch_of_32(fixture_captioner, objective):
+    """Issue 16's proof: batch 32 accumulated as 4 micro-batches of 8 gives the same loss, gradients and
+    parameters as batch 32 in one step. The captions' lengths differ, so a mean of micro-batch means would not
+    match (checked below); the token-weighted shares do."""
+    captioner = _without_dropout(fixture_captioner)
+    images, captions, ids = _images(32), _CAPTIONS * 4, torch.arange(32)
+    step = steps.TeacherForcedStep(CaptionObjective(objective))
+    whole = _optimiser_step(captioner, step, images, captions, ids, None)
+    _assert_same_step(_optimiser_step(captioner, step, images, captions, ids, 8), whole)
+    _assert_same_step(_optimiser_step(captioner, step, images, captions, ids, 5), whole)  # 5, 5, ..., 2
+    whole_loss = whole[0]
+    # The one-call form is the whole batch as one micro-batch.
+    direct, _, _ = step(captioner, captioner, images, captions, ids)
+    torch.testing.assert_close(direct.detach(), whole_loss, rtol=1e-6, atol=1e-7)
+    # A plain mean of the micro-batch means differs (the captions' lengths vary per micro-batch of 5).
+    plain = torch.stack([step(captioner, captioner, images[a:b], captions[a:b], ids[a:b])[0].detach()
+                         for a, b in steps.micro_batch_bounds(32, 5)])
+    sizes = torch.tensor([b - a for a, b in steps.micro_batch_bounds(32, 5)], dtype=torch.float32)
+    assert abs(float((plain * sizes).sum() / 32) - float(whole_loss)) > 1e-4
+
+
+@pytest.mark.parametrize("normalize", ["tokens", "none"])
+def test_scst_with_smile_accumulates_exactly(fixture_captioner, monkeypatch, normalize):
+    """SCST + SMILE over micro-batches equals the whole batch: the policy-gradient term is shared by sampled
+    tokens (or sequences), the SMILE term by reference tokens. Sampling is made batch-independent (each image's
+    rollouts are its greedy caption, repeated) so that both runs score the same captions."""
+    captioner = _without_dropout(fixture_captioner)
+    original = type(captioner).sample_ids
+
+    def per_image_rollouts(self, images, num_samples=1, max_new_tokens=20, greedy=False):
+        ids = original(self, images, max_new_tokens=max_new_tokens, greedy=True)
+        return ids.repeat_interleave(num_samples, dim=0)
+
+    monkeypatch.setattr(type(captioner), "sample_ids", per_image_rollouts)
+    scst, token_spec = steps.split_objective(
+        {"scst": {"samples": 2, "max_tokens": 6, "baseline": "mean_of_others", "normalize": normalize}, "smile": 0.5})
+    step = steps.ScstStep(scst, CaptionObjective(token_spec), _RowReward())
+    images, captions, ids = _images(8, seed=1), _CAPTIONS, torch.arange(8)
+    whole = _optimiser_step(captioner, step, images, captions, ids, None)
+    assert float(whole[0]) != 0.0
+    _assert_same_step(_optimiser_step(captioner, step, images, captions, ids, 3), whole)
+
+
+class _RowReward(_ConstantReward):
+    """Reward = the rollout's position within its image (0, 1, ...) plus its image key / 10: non-zero advantages
+    even when an image's rollouts are the same caption, and the same values however the batch is split."""
+
+    def __call__(self, captions, image_index, images=None, keys=None):
+        image_index = torch.as_tensor(image_index)
+        first = torch.searchsorted(image_index, image_index)  # rows of an image are consecutive
+        rank = torch.arange(len(captions)) - first
+        value = rank.float() + torch.tensor([keys[i] for i in image_index.tolist()], dtype=torch.float32) / 10
+        return value, {"cider_d": value}
+
+
+def test_a_nonfinite_loss_skips_the_last_backward_and_says_so(fixture_captioner):
+    captioner = _without_dropout(fixture_captioner)
+    step = steps.TeacherForcedStep(CaptionObjective("mle"))
+    asked = []
+    loss, _, _, finite = steps.accumulate_gradients(
+        captioner, captioner, step, _images(4), _CAPTIONS[:4], torch.arange(4), micro_batch_size=2,
+        all_finite=lambda total: asked.append(float(total)) or False)
+    assert not finite and len(asked) == 1 and asked[0] == pytest.approx(float(loss))

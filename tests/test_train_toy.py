@@ -91,6 +91,12 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert len(losses_two) == len(losses_one) == 3
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
     assert two["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-4)
+    # Gradient accumulation under DDP (no_sync, then one all-reduce): 2 ranks x micro-batches of 3 + 1.
+    micro, _ = _torchrun_train(tmp_path, nproc=2, batch_size=4, name="ddp2_micro", extra=["train.micro_batch_size=3"])
+    assert micro["checksums"][0] == micro["checksums"][1]
+    losses_micro = [r["loss"] for r in _log(tmp_path / "ddp2_micro" / "log.jsonl") if r["kind"] == "train"]
+    assert losses_micro == pytest.approx(losses_one, rel=1e-4)
+    assert micro["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-4)
 
 
 @pytest.mark.slow
