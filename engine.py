@@ -32,6 +32,7 @@ from data import (
 from data.datasets import AnnotationError, ImageLoadError
 from metrics._common import MetricInputError
 from models import CAPTIONER_FAMILIES, CaptionModel, CheckpointError
+from models.text_padding import TEXT_PADDINGS
 
 logger = logging.getLogger("smile_blip")
 
@@ -55,7 +56,7 @@ def load_config(path: str | Path, overrides=()) -> dict:
                "train.schedule": ("cosine_epoch", "cosine_step", "constant", "linear_warmup"),
                "train.grad_clip_mode": ("norm", "value"), "model.compile": (None, "vision", "full"),
                "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-               "model.text_padding": ("longest", "max_length"), "model.family": ("blip", "prefix"),
+               "model.text_padding": TEXT_PADDINGS, "model.family": ("blip", "prefix"),
                "data.feature_cache": ("auto", "on", "off", True, False)}  # YAML reads a bare on/off as a bool
     for key, allowed in choices.items():
         value = utils.get_by_path(config, key)

@@ -24,6 +24,7 @@ from imaging import eval_transform
 
 from .attention import attention_of, set_attention
 from .objectives import IGNORE_INDEX, CaptionObjective
+from .text_padding import check_text_padding, pad_to, padded_length
 
 DEFAULT_PROMPT = "a picture of "
 DEFAULT_TOKENIZER = "bert-base-uncased"
@@ -147,8 +148,7 @@ class BlipCaptioner(nn.Module):
         text_padding: str = "longest",
     ):
         super().__init__()
-        if text_padding not in ("longest", "max_length"):
-            raise ValueError(f"text_padding must be 'longest' or 'max_length', got {text_padding!r}")
+        check_text_padding(text_padding)
         vocab = model.config.text_config.vocab_size
         if len(tokenizer) != vocab:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocabulary has {vocab}")
@@ -156,8 +156,7 @@ class BlipCaptioner(nn.Module):
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_text_length = max_text_length
-        # "max_length" pads every batch to max_text_length: fixed shapes, so torch.compile and CUDA graphs never
-        # see a new text length (the loss is the same; padded positions are IGNORE_INDEX).
+        # "bucket" and "max_length" give torch.compile and CUDA graphs few text shapes (models/text_padding.py).
         self.text_padding = text_padding
         # BLIP: len(tokenizer(prompt).input_ids) - 1, i.e. bos + prompt words without [SEP].
         self.prompt_length = len(tokenizer(prompt).input_ids) - 1
@@ -273,18 +272,22 @@ class BlipCaptioner(nn.Module):
         """``prompt + caption`` for each caption -> (input_ids, attention_mask), both (B, L) on the model's device.
 
         Position 0 ([CLS]) is replaced by the [DEC] bos token, as BLIP's decoder expects. ``padding``: "longest"
-        (L = the longest caption) or "max_length" (L = ``max_text_length``); default ``self.text_padding``.
+        (L = the longest caption), "bucket" (the next multiple of 8) or "max_length" (L = ``max_text_length``);
+        default ``self.text_padding`` (models/text_padding.py).
         """
         encoded = self.tokenizer(
             [self.prompt + caption for caption in captions],
-            padding=padding or self.text_padding,
+            padding="longest",
             truncation=True,
             max_length=self.max_text_length,
             return_tensors="pt",
         )
-        input_ids = encoded.input_ids.to(self.device)
+        length = padded_length(encoded.input_ids.shape[1], self.max_text_length, padding or self.text_padding)
+        input_ids, attention_mask = pad_to(encoded.input_ids, encoded.attention_mask, length,
+                                           self.tokenizer.pad_token_id)
+        input_ids = input_ids.to(self.device)
         input_ids[:, 0] = self.tokenizer.bos_token_id
-        return input_ids, encoded.attention_mask.to(self.device)
+        return input_ids, attention_mask.to(self.device)
 
     def build_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Next-token targets (B, L - 1): the prompt and padding are IGNORE_INDEX. The one place that masks them."""

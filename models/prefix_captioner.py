@@ -48,6 +48,7 @@ from imaging import CLIP_MEAN, CLIP_STD
 from .checkpoint import CheckpointError
 from .objectives import IGNORE_INDEX, CaptionObjective
 from .prefix_mappers import PrefixMLP, TransformerMapper
+from .text_padding import check_text_padding, padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,7 @@ class PrefixCaptioner(nn.Module):
         vocab = model.gpt.config.vocab_size
         if len(tokenizer) != vocab:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but GPT-2's vocabulary has {vocab}")
-        if text_padding not in ("longest", "max_length"):
-            raise ValueError(f"text_padding must be 'longest' or 'max_length', got {text_padding!r}")
+        check_text_padding(text_padding)
         if tokenizer.eos_token_id is None:
             raise ValueError("the GPT-2 tokenizer has no eos token (<|endoftext|>)")
         self.model = model
@@ -390,7 +390,7 @@ class PrefixCaptioner(nn.Module):
         budget = self.max_text_length - int(self.append_eos)
         rows = [ids[:budget] + ([eos] if self.append_eos else [])
                 for ids in self.tokenizer(list(captions), add_special_tokens=False).input_ids]
-        length = self.max_text_length if (padding or self.text_padding) == "max_length" else max(map(len, rows))
+        length = padded_length(max(map(len, rows)), self.max_text_length, padding or self.text_padding)
         input_ids = torch.full((len(rows), length), eos, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for index, ids in enumerate(rows):

@@ -111,7 +111,7 @@ def test_compile_keeps_parameter_names_and_outputs(scope):
 
 
 @pytest.mark.parametrize("spec", ["mle", "smile", {"mle": 0.01, "smile": 0.99}, {"smile": {"first_token_mle": False}}])
-def test_padding_to_max_length_changes_shapes_not_losses(spec):
+def test_padding_to_buckets_or_max_length_changes_shapes_not_losses(spec):
     from models import CaptionObjective
 
     torch.manual_seed(0)
@@ -119,13 +119,16 @@ def test_padding_to_max_length_changes_shapes_not_losses(spec):
     images, captions = torch.randn(3, 3, 32, 32), ["a red ball", "two dog on the grass", "a"]
     objective = CaptionObjective(spec)
     losses = {}
-    for padding in ("longest", "max_length"):
+    lengths = {}
+    for padding in ("longest", "bucket", "max_length"):
         captioner.text_padding = padding
         input_ids, attention_mask = captioner.tokenize(captions)
         targets = captioner.build_targets(input_ids, attention_mask)
         losses[padding], _ = captioner(images, input_ids, attention_mask, targets=targets, objective=objective)
-        if padding == "max_length":
-            assert input_ids.shape[1] == captioner.max_text_length
+        lengths[padding] = input_ids.shape[1]
+    # "a caption ..." prompt + 5 words + [SEP] = 10 tokens -> bucket 16 -> 40 (max_text_length).
+    assert lengths == {"longest": 10, "bucket": 16, "max_length": captioner.max_text_length}
+    torch.testing.assert_close(losses["bucket"], losses["longest"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(losses["max_length"], losses["longest"], atol=1e-6, rtol=1e-6)
     # Generation builds its prompt without padding, whatever the training padding is.
     generated = captioner.generate_ids(images, num_beams=2, max_length=10, min_length=3)

@@ -189,6 +189,11 @@ def test_tokenize_and_targets(image_captioner):
     assert ids[1, : len(plain) + 1].tolist() == plain + [eos] and mask[1].sum() == len(plain) + 1
     targets = captioner.build_targets(ids, mask)
     assert (targets[1, len(plain) + 1 :] == IGNORE_INDEX).all() and (targets[mask.bool()] == ids[mask.bool()]).all()
+    # Bucketed padding: the next multiple of 8 (capped at max_text_length); the real tokens are unchanged.
+    bucketed = PrefixCaptioner(image_captioner.model, image_captioner.tokenizer, max_text_length=20,
+                               append_eos=True, text_padding="bucket")
+    ids, mask = bucketed.tokenize(["A cat!"])
+    assert ids.shape == (1, 8) and ids[0, : len(plain) + 1].tolist() == plain + [eos] and mask.sum() == len(plain) + 1
 
 
 def test_forward_is_aligned_with_targets(image_captioner):

@@ -1,0 +1,40 @@
+"""How far a training batch's captions are padded (``model.text_padding``), shared by every model family.
+
+* ``longest``: to the batch's longest caption (least work; every new length is a new shape);
+* ``bucket``: to the next multiple of ``BUCKET_MULTIPLE`` tokens, capped at ``max_text_length``: at most
+  ``max_text_length / 8`` shapes (5 for BLIP's 40), so ``torch.compile`` and CUDA graphs compile a few variants
+  instead of one per length, while padding costs at most 7 positions per row;
+* ``max_length``: to ``max_text_length`` (one shape; the most padding).
+
+Padded positions carry attention mask 0 and target IGNORE_INDEX, so the loss is the same for all three.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TEXT_PADDINGS = ("longest", "bucket", "max_length")
+BUCKET_MULTIPLE = 8
+
+
+def check_text_padding(padding: str) -> str:
+    if padding not in TEXT_PADDINGS:
+        raise ValueError(f"text_padding must be one of {list(TEXT_PADDINGS)}, got {padding!r}")
+    return padding
+
+
+def padded_length(longest: int, max_text_length: int, padding: str) -> int:
+    """The padded length T of a batch whose longest (already truncated) caption has ``longest`` tokens."""
+    check_text_padding(padding)
+    if padding == "max_length":
+        return max_text_length
+    if padding == "bucket":
+        return min(max_text_length, -(-longest // BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
+    return longest
+
+
+def pad_to(input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
+           pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and mask right-padded to (B, ``length``) with ``pad_id`` and mask 0 (``length`` >= L)."""
+    extra = length - input_ids.shape[1]
+    return F.pad(input_ids, (0, extra), value=pad_id), F.pad(attention_mask, (0, extra), value=0)
