@@ -15,7 +15,16 @@ interleaved round-robin, so load from other processes on the machine hits every 
 * ``compiled`` / ``compiled_vision``: ``optimised`` under ``torch.compile`` (``model.compile: full | vision``);
   the compile time falls in the warm-up steps; ``compiled_graphs``: ``compiled`` with ``mode="reduce-overhead"``
   (CUDA graphs; this fixed-shape batch is their best case, since a new text length records a new graph);
+* ``bf16_weights`` / ``compiled_bf16_weights``: ``optimised`` / ``compiled`` with the weights and activations in
+  bf16 (no autocast, so no per-use casts of fp32 weights) and fp32 master weights and AdamW state, copied back
+  to the bf16 weights after each step (CUDA only; on CPU they run as ``optimised``). Not an engine option yet:
+  it is here to be measured first;
 * ``NAME:mle`` runs a path with MLE instead of the ``--objective``, e.g. ``optimised:mle``.
+
+``--micro-batch M`` runs every path that computes its loss in the model as the engine does with
+``train.micro_batch_size: M``: the ``--batch`` as micro-batches through ``steps.accumulate_gradients`` (one
+optimiser step per batch); then the "fwd" column holds forward and backward together. The paper's recipe on one
+GPU is ``--batch 256 --micro-batch 64`` (8 GPUs x 32 in the paper).
 
 Printed per path: images/s from the fastest step (load from other processes only adds time; the median step is
 printed too), that step split into data (tokenise, targets, host-to-device copy of the prepared images; no image
@@ -65,6 +74,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from machine import describe_machine  # noqa: E402
 from models import BlipCaptioner, CaptionObjective  # noqa: E402
 from models.captioner import resolve_architecture  # noqa: E402
+import steps  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts), FLOP/s.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -77,6 +87,8 @@ PATHS = {
     "compiled_vision": dict(attention="sdpa", fast=True, fused_loss=True, compile="vision"),
     "compiled": dict(attention="sdpa", fast=True, fused_loss=True, compile="full"),
     "compiled_graphs": dict(attention="sdpa", fast=True, fused_loss=True, compile="full", mode="reduce-overhead"),
+    "bf16_weights": dict(attention="sdpa", fast=True, fused_loss=True, bf16_weights=True),
+    "compiled_bf16_weights": dict(attention="sdpa", fast=True, fused_loss=True, compile="full", bf16_weights=True),
 }
 BERT_VOCAB = 30522  # + [DEC] and [ENC] = 30524 ids, as BLIP's decoder
 
@@ -136,38 +148,72 @@ class PathRunner:
             options = {"mode": self.config["mode"]} if "mode" in self.config else {}
             self.captioner.compile_parts(self.config["compile"], **options)
         self.objective = CaptionObjective(objective_name or args.objective)
-        self.optimizer = torch.optim.AdamW(self.captioner.parameters(), lr=1e-5, weight_decay=0.05, fused=self.fast)
+        self.bf16_weights = self.fast and self.config.get("bf16_weights", False)
+        self.micro_batch = args.micro_batch if self.config["fused_loss"] else None
+        self.train_step = steps.TeacherForcedStep(self.objective)
+        parameters = list(self.captioner.parameters())
+        if self.bf16_weights:
+            self.masters = [p.detach().float().clone().requires_grad_(True) for p in parameters]
+            self.captioner.to(torch.bfloat16)
+            parameters = self.masters
+        self.optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.05, fused=self.fast)
         self.phases = {"data": [], "forward": [], "backward": [], "optimiser": []}
         self.first_loss = None
         self.text_positions = None
+
+    def _precision(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.fast and not self.bf16_weights else nullcontext()
+
+    def _optimiser_step(self) -> None:
+        if self.bf16_weights:  # bf16 gradients -> fp32 masters -> AdamW -> bf16 weights
+            weights = list(self.captioner.parameters())
+            for master, weight in zip(self.masters, weights):
+                master.grad = None if weight.grad is None else weight.grad.float()
+            self.optimizer.step()
+            torch._foreach_copy_(weights, self.masters)
+        else:
+            self.optimizer.step()
 
     def step(self, images: torch.Tensor, captions: list[str], record: bool) -> None:
         device, captioner = self.device, self.captioner
         _sync(device)
         t0 = time.perf_counter()
         pixel_values = images.to(device, non_blocking=True)
-        input_ids, attention_mask = captioner.tokenize(captions)
-        targets = captioner.build_targets(input_ids, attention_mask)
-        _sync(device)
-        t1 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16) if self.fast else nullcontext():
-            if self.config["fused_loss"]:
-                loss, _ = captioner(pixel_values, input_ids, attention_mask, targets=targets, objective=self.objective)
-            else:
-                logits = captioner(pixel_values, input_ids, attention_mask)
-        if not self.config["fused_loss"]:  # as engine.train_one_epoch did: the objective outside autocast
-            loss, _ = self.objective(logits, targets)
-        _sync(device)
-        t2 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _sync(device)
-        t3 = time.perf_counter()
-        self.optimizer.step()
+        if self.bf16_weights:
+            pixel_values = pixel_values.to(torch.bfloat16)
+        if self.micro_batch:  # the engine's unit: tokenising, forward and backward per micro-batch
+            _sync(device)
+            t1 = time.perf_counter()
+            captioner.zero_grad(set_to_none=True)
+            loss, _, _, _ = steps.accumulate_gradients(captioner, captioner, self.train_step, pixel_values, captions,
+                                                       torch.arange(len(captions)), self.micro_batch, self._precision)
+            input_ids, _ = captioner.tokenize(captions[: self.micro_batch])
+            _sync(device)
+            t2 = t3 = time.perf_counter()
+        else:
+            input_ids, attention_mask = captioner.tokenize(captions)
+            targets = captioner.build_targets(input_ids, attention_mask)
+            _sync(device)
+            t1 = time.perf_counter()
+            with self._precision():
+                if self.config["fused_loss"]:
+                    loss, _ = captioner(pixel_values, input_ids, attention_mask, targets=targets,
+                                        objective=self.objective)
+                else:
+                    logits = captioner(pixel_values, input_ids, attention_mask)
+            if not self.config["fused_loss"]:  # as engine.train_one_epoch did: the objective outside autocast
+                loss, _ = self.objective(logits, targets)
+            _sync(device)
+            t2 = time.perf_counter()
+            captioner.zero_grad(set_to_none=True)
+            loss.backward()
+            _sync(device)
+            t3 = time.perf_counter()
+        self._optimiser_step()
         _sync(device)
         t4 = time.perf_counter()
         if self.first_loss is None:
-            self.first_loss, self.text_positions = loss.item(), int(input_ids.shape[1])
+            self.first_loss, self.text_positions = float(loss), int(input_ids.shape[1])
         if record:
             for key, seconds in zip(self.phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 self.phases[key].append(seconds)
@@ -177,7 +223,8 @@ class PathRunner:
         fastest = min(range(len(totals)), key=totals.__getitem__)
         return {
             "path": self.spec, "objective": repr(self.objective), "attention": self.captioner.attention,
-            "amp": self.fast, "fused_adamw": self.fast, "loss_in_model": self.config["fused_loss"],
+            "amp": self.fast and not self.bf16_weights, "fused_adamw": self.fast, "bf16_weights": self.bf16_weights,
+            "micro_batch": self.micro_batch, "loss_in_model": self.config["fused_loss"],
             "smile_head": self.config["fused_loss"] and self.objective.supports_features,
             "step_seconds": totals[fastest], "median_step_seconds": statistics.median(totals),
             "phases": {key: values[fastest] for key, values in self.phases.items()}, "first_loss": self.first_loss,
@@ -288,6 +335,8 @@ def main(argv=None):
     parser.add_argument("--objective", default="smile", help="objective name from models/objectives.py")
     parser.add_argument("--paths", default="baseline,optimised,optimised:mle",
                         help=f"comma-separated NAME[:OBJECTIVE], NAME in {list(PATHS)}; ratios are to the first")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="run each batch as micro-batches of this size (gradient accumulation, as the engine)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -331,7 +380,8 @@ def main(argv=None):
     arch = resolve_architecture(args.preset)
     vocab = BERT_VOCAB + 2
     print(f"machine: {machine_description(device)}")
-    print(f"model: {args.preset} preset, {args.image_size} px, batch {args.batch}, V={vocab}, "
+    micro = f" as micro-batches of {args.micro_batch}" if args.micro_batch else ""
+    print(f"model: {args.preset} preset, {args.image_size} px, batch {args.batch}{micro}, V={vocab}, "
           f"text positions {results[0]['text_positions']}; {args.steps} steps per path after {args.warmup} warm-up")
     flops = {flag: train_flops_per_image(arch, args.image_size, results[0]["text_positions"], vocab, flag)
              for flag in (False, True)}
@@ -352,6 +402,7 @@ def main(argv=None):
           f"step; memory: {base['memory_kind']}; x: ratio to {base['path']}")
     for r in results:
         print(f"  {r['path']}: {r['objective']}, attention {r['attention']}, bf16 autocast {r['amp']}, "
+              f"bf16 weights {r['bf16_weights']}, micro-batches {r['micro_batch']}, "
               f"fused AdamW {r['fused_adamw']}, loss in model {r['loss_in_model']}, SMILE-aware head {r['smile_head']}")
 
     if args.profile:
