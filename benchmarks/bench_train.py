@@ -15,6 +15,8 @@ interleaved round-robin, so load from other processes on the machine hits every 
 * ``compiled`` / ``compiled_vision``: ``optimised`` under ``torch.compile`` (``model.compile: full | vision``);
   the compile time falls in the warm-up steps; ``compiled_graphs``: ``compiled`` with ``mode="reduce-overhead"``
   (CUDA graphs; this fixed-shape batch is their best case, since a new text length records a new graph);
+* ``checkpointed``: ``compiled`` with activation checkpointing (``model.gradient_checkpointing``): less memory
+  for larger micro-batches, at the price of a second forward;
 * ``bf16_weights`` / ``compiled_bf16_weights``: ``optimised`` / ``compiled`` with the weights and activations in
   bf16 (no autocast, so no per-use casts of fp32 weights) and fp32 master weights and AdamW state, copied back
   to the bf16 weights after each step (CUDA only; on CPU they run as ``optimised``). Not an engine option yet:
@@ -87,6 +89,7 @@ PATHS = {
     "compiled_vision": dict(attention="sdpa", fast=True, fused_loss=True, compile="vision"),
     "compiled": dict(attention="sdpa", fast=True, fused_loss=True, compile="full"),
     "compiled_graphs": dict(attention="sdpa", fast=True, fused_loss=True, compile="full", mode="reduce-overhead"),
+    "checkpointed": dict(attention="sdpa", fast=True, fused_loss=True, compile="full", gradient_checkpointing=True),
     "bf16_weights": dict(attention="sdpa", fast=True, fused_loss=True, bf16_weights=True),
     "compiled_bf16_weights": dict(attention="sdpa", fast=True, fused_loss=True, compile="full", bf16_weights=True),
 }
@@ -110,10 +113,11 @@ def synthetic_captions(batch: int, vocab_size: int, seed: int = 0, words=(8, 20)
             for n in lengths]
 
 
-def build_captioner(args, attention: str, vocab_file: Path) -> BlipCaptioner:
+def build_captioner(args, attention: str, vocab_file: Path, gradient_checkpointing: bool = False) -> BlipCaptioner:
     """The ``--preset`` captioner, seeded so every path starts from the same weights."""
     torch.manual_seed(0)
-    return BlipCaptioner.build(args.preset, image_size=args.image_size, tokenizer=vocab_file, attention=attention)
+    return BlipCaptioner.build(args.preset, image_size=args.image_size, tokenizer=vocab_file, attention=attention,
+                               gradient_checkpointing=gradient_checkpointing)
 
 
 def train_flops_per_image(arch, image_size: int, text_positions: int, vocab: int, smile_head: bool = False) -> float:
@@ -143,7 +147,8 @@ class PathRunner:
         self.spec, self.config = spec, PATHS[name]
         self.device = torch.device(args.device)
         self.fast = self.config["fast"] and self.device.type == "cuda"
-        self.captioner = build_captioner(args, self.config["attention"], vocab_file).to(self.device).train()
+        self.captioner = build_captioner(args, self.config["attention"], vocab_file,
+                                         self.config.get("gradient_checkpointing", False)).to(self.device).train()
         if self.config.get("compile"):
             options = {"mode": self.config["mode"]} if "mode" in self.config else {}
             self.captioner.compile_parts(self.config["compile"], **options)

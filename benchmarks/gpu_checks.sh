@@ -45,7 +45,7 @@ run_part recipe bash -c "'$PYTHON' benchmarks/bench_train.py --preset base --ima
   && '$PYTHON' benchmarks/bench_train.py --preset base --image-size 384 --batch 256 --micro-batch 64 \
   --paths optimised,bf16_weights,compiled,compiled_bf16_weights \
   && '$PYTHON' benchmarks/bench_train.py --preset base --image-size 384 --batch 256 --micro-batch 128 \
-  --paths compiled,compiled_bf16_weights"
+  --paths compiled,compiled_bf16_weights,checkpointed"
 run_part toy env PYTHON="$PYTHON" bash scripts/train.sh configs/toy/smile.yaml output_dir=runs/gpu_checks_toy \
   --overwrite
 # SCST on BLIP-base (phases of one step; the rewards' share) and the prefix LM's cached vs uncached step, at
