@@ -57,7 +57,7 @@ def load_config(path: str | Path, overrides=()) -> dict:
                "train.grad_clip_mode": ("norm", "value"), "model.compile": (None, "vision", "full"),
                "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                "model.text_padding": TEXT_PADDINGS, "model.family": ("blip", "prefix"),
-               "data.feature_cache": ("auto", "on", "off", True, False)}  # YAML reads a bare on/off as a bool
+               "data.feature_cache": ("auto", "on", "off", True, False), "data.augment_on": ("workers", "device")}  # YAML reads a bare on/off as a bool
     for key, allowed in choices.items():
         value = utils.get_by_path(config, key)
         if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
@@ -168,14 +168,25 @@ def _loader(dataset, batch_size: int, shuffle: bool, collate, config: dict, seed
 
 def build_train_loader(config: dict, captioner):
     """The training loader: BLIP's augmentation at the captioner's image size, or its eval transform (no
-    augmentation); the normalisation (CLIP mean/std) is the same for every model family."""
+    augmentation); the normalisation (CLIP mean/std) is the same for every model family.
+
+    With ``data.augment_on: device`` the workers only read the files and draw the augmentation's random choices;
+    each batch's images arrive encoded (data/gpu_augment.py) and are decoded and augmented on the training
+    device where the loop moves them there (``images.to(device)``), with the same draws from the same seed.
+    """
     data_config = config["data"]
     if not data_config["train_files"]:
         raise utils.ConfigError("data.train_files is empty: nothing to train on (or set data.toy: true)")
-    if data_config["augment"]:
-        transform = build_train_transform(captioner.image_size, min_scale=data_config["min_scale"],
-                                          randaugment=data_config["randaugment"],
-                                          horizontal_flip=data_config["horizontal_flip"])
+    collate = caption_collate
+    augment = dict(min_scale=data_config["min_scale"], randaugment=data_config["randaugment"],
+                   horizontal_flip=data_config["horizontal_flip"])
+    if data_config["augment"] and data_config["augment_on"] == "device":
+        from data.gpu_augment import build_device_pipeline
+
+        pipeline = build_device_pipeline(captioner.image_size, **augment)
+        transform, collate = pipeline.worker_transform, pipeline.collate
+    elif data_config["augment"]:
+        transform = build_train_transform(captioner.image_size, **augment)
     else:
         transform = captioner.eval_transform()
     dataset = CaptionTrainDataset(data_config["train_files"], data_config["image_root"], transform,
@@ -184,7 +195,7 @@ def build_train_loader(config: dict, captioner):
                                   per_image=data_config["train_per_image"])
     dataset = cached_feature_dataset(config, captioner, dataset)
     batch_size = config["train"]["batch_size"]
-    loader, sampler = _loader(dataset, batch_size, True, caption_collate, config, seed=config["seed"])
+    loader, sampler = _loader(dataset, batch_size, True, collate, config, seed=config["seed"])
     if len(loader) == 0:  # incomplete batches are dropped: an epoch would run 0 steps and "finish" untrained
         world = utils.get_world_size()
         raise utils.ConfigError(

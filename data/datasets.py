@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,6 +46,20 @@ class ImageLoadError(OSError):
         super().__init__(f"cannot load image {str(path)!r}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+@contextmanager
+def reading_image(path: str | Path):
+    """Turn the errors of reading and decoding the image file ``path`` into `ImageLoadError` naming it."""
+    try:
+        yield
+    except ImageLoadError:
+        raise
+    except FileNotFoundError as error:
+        raise ImageLoadError(path, "file not found") from error
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # PIL reports corrupt/truncated files with these (UnidentifiedImageError is an OSError).
+        raise ImageLoadError(path, f"cannot decode it ({type(error).__name__}: {error})") from error
 
 
 def load_annotations(path: str | Path) -> list[dict]:
@@ -168,8 +183,14 @@ class _ImageFileDataset(Dataset):
         self.skip_bad_images = skip_bad_images
 
     def _load_or_skip(self, path: Path) -> torch.Tensor | None:
-        """The transformed image, or None for a missing/corrupt file when skipping (the collate drops it)."""
+        """The transformed image, or None for a missing/corrupt file when skipping (the collate drops it).
+
+        A transform with ``reads_files = True`` (data/gpu_augment.py's worker side, which ships the encoded file to
+        be decoded on the device) is given the path instead, and raises `ImageLoadError` itself (`reading_image`).
+        """
         try:
+            if getattr(self.transform, "reads_files", False):
+                return self.transform(path)
             return self.transform(self._load_image(path))
         except ImageLoadError as error:
             if not self.skip_bad_images:
@@ -180,17 +201,12 @@ class _ImageFileDataset(Dataset):
     def _load_image(self, path: Path) -> Image.Image:
         """Open `path` and return it as RGB, or raise `ImageLoadError` naming the full path.
 
-        This is the single place images are read, so a skip-and-count policy for broken files
-        only needs to catch `ImageLoadError` around this call.
+        This is the single place the PIL path reads images, and `reading_image` the single place read errors
+        become `ImageLoadError`, so a skip-and-count policy for broken files only needs to catch that.
         """
-        try:
+        with reading_image(path):
             # Stored pixels, EXIF orientation ignored, as the original BLIP reads COCO and Flickr30K (imaging.py).
             return open_rgb(path)
-        except FileNotFoundError as error:
-            raise ImageLoadError(path, "file not found") from error
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            # PIL reports corrupt/truncated files with these (UnidentifiedImageError is an OSError).
-            raise ImageLoadError(path, f"cannot decode it ({type(error).__name__}: {error})") from error
 
 
 class CaptionTrainDataset(_ImageFileDataset):
