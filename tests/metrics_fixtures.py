@@ -56,6 +56,25 @@ def _write_bpe(folder: Path, vocab: list[str], merges: list[tuple[str, str]]) ->
                                        encoding="utf-8")
 
 
+def _reinitialise(model: torch.nn.Module, seed: int, keep=()) -> None:
+    """Draw every weight from one generator in name order: biases 0, norm scales 1, the rest N(0, 0.05).
+
+    transformers' own initialisation differs between releases, so without this the tiny models (and what the
+    tests check of them, e.g. that a random CLIP gives both negative and positive cosines) would differ between
+    the two ends of the transformers range CI tests."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if any(part in name for part in keep):
+                continue
+            if name.endswith("bias"):
+                parameter.zero_()
+            elif "norm" in name or "layrnorm" in name:
+                parameter.fill_(1.0)
+            else:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
 def build_tiny_clip(folder: str | Path, seed: int = 0, words=WORDS) -> Path:
     """A random 2-layer CLIP (text width 32, 32 px images, patch 8, projection 16) + tokenizer +
     image processor, saved to `folder` in hub layout. Returns `folder`."""
@@ -81,7 +100,9 @@ def build_tiny_clip(folder: str | Path, seed: int = 0, words=WORDS) -> Path:
         projection_dim=16,
     )
     torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(folder)
+    model = CLIPModel(config).eval()
+    _reinitialise(model, seed, keep=("logit_scale",))
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder

@@ -127,6 +127,25 @@ def test_encode_texts_equals_one_at_a_time(clip, captions):
     assert torch.allclose(got.norm(dim=-1), torch.ones(len(captions)))
 
 
+def test_repeated_texts_are_encoded_once(clip, captions, monkeypatch):
+    texts = [captions[2], captions[3], captions[2], captions[2], captions[4]]
+    seen = []
+    tokenizer = clip.tokenizer
+
+    class Counting:  # a stand-in tokenizer that records what reaches CLIP
+        pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+        def __call__(self, batch, **kwargs):
+            seen.extend(batch)
+            return tokenizer(batch, **kwargs)
+
+    monkeypatch.setattr(clip, "tokenizer", Counting())
+    got = encode_texts(texts, clip, batch_size=2, progress=False)
+    assert seen == [captions[2], captions[3], captions[4]]
+    assert torch.equal(got[0], got[2]) and torch.equal(got[0], got[3])
+    assert torch.allclose(got, naive_text_features(clip, texts), atol=1e-5)
+
+
 def test_encode_images_equals_one_at_a_time(clip, image_paths):
     naive = naive_image_features(clip, image_paths)
     batched = encode_images(image_paths, clip, batch_size=5, num_workers=0, progress=False)
@@ -177,13 +196,19 @@ def test_ref_clip_score_from_features_by_hand():
 def test_clip_score_equals_hessel_definition(clip, captions, image_paths):
     images, texts = naive_image_features(clip, image_paths), naive_text_features(clip, captions, "A photo depicts")
     per = [2.5 * max(cos(i, t), 0.0) for i, t in zip(images, texts)]
-    assert 0 < sum(p > 0 for p in per) < len(per)  # the random model gives both clipped and kept pairs
     got = clip_score(captions, image_paths, clip, batch_size=5, text_batch_size=3, num_workers=0, progress=False)
     assert got["CLIPScore"] == pytest.approx(100 * sum(per) / len(per), abs=1e-4)
     assert got["per_caption"].tolist() == pytest.approx(per, abs=1e-5)
     # the same from precomputed image features
     again = clip_score(captions, images, clip, progress=False)
     assert again["CLIPScore"] == pytest.approx(got["CLIPScore"], abs=1e-4)
+    # Clipping at 0: a random model may put every pair on one side, so flip every other image's features,
+    # which gives those pairs the opposite cosine.
+    flipped = images * torch.tensor([1.0, -1.0]).repeat(len(images) // 2 + 1)[: len(images)].unsqueeze(1)
+    per_flipped = [2.5 * max(cos(i, t), 0.0) for i, t in zip(flipped, texts)]
+    assert 0 < sum(p > 0 for p in per_flipped) < len(per_flipped)  # both clipped and kept pairs
+    mixed = clip_score(captions, flipped, clip, progress=False)
+    assert mixed["per_caption"].tolist() == pytest.approx(per_flipped, abs=1e-5)
 
 
 def test_ref_clip_score_equals_hessel_definition(clip, captions, image_paths):
