@@ -4,12 +4,12 @@
 # LOG_DIR (default runs/gpu_checks); a failing part is reported and the next one still runs.
 #
 #   bash benchmarks/gpu_checks.sh [LOG_DIR]
-#   PARTS="tests generate" bash benchmarks/gpu_checks.sh      # a subset: tests generate train recipe toy scst
-#                                                              #   prefix_cache
+#   PARTS="tests generate" bash benchmarks/gpu_checks.sh      # a subset: tests generate train recipe loader
+#                                                              #   toy scst prefix_cache
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-runs/gpu_checks}
-PARTS=${PARTS:-tests generate train recipe toy scst prefix_cache}
+PARTS=${PARTS:-tests generate train recipe loader toy scst prefix_cache}
 PYTHON=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$LOG_DIR"
@@ -31,7 +31,7 @@ nvidia-smi -L || true
               "cuda", torch.cuda.is_available())'
 
 run_part tests "$PYTHON" -m pytest -q -rs tests/test_attention.py tests/test_lm_head.py tests/test_captioner.py \
-  tests/test_metrics_suite.py
+  tests/test_metrics_suite.py tests/test_gpu_augment.py
 run_part generate bash -c "'$PYTHON' benchmarks/bench_generate.py --preset base --image-size 384 --batch 64 \
   --repeats 2 && '$PYTHON' benchmarks/bench_generate.py --preset base --image-size 384 --batch 256 \
   --implementations sdpa --repeats 1 --total-images 5000"
@@ -46,6 +46,10 @@ run_part recipe bash -c "'$PYTHON' benchmarks/bench_train.py --preset base --ima
   --paths optimised,bf16_weights,compiled,compiled_bf16_weights \
   && '$PYTHON' benchmarks/bench_train.py --preset base --image-size 384 --batch 256 --micro-batch 128 \
   --paths compiled,compiled_bf16_weights,checkpointed"
+# The data path end to end: COCO-sized JPEGs on disk through the training DataLoader, PIL in the workers against
+# nvJPEG + augmentation on the GPU (data.augment_on: device); the target is >= 90 % of the synthetic-batch rate.
+run_part loader "$PYTHON" benchmarks/bench_loader.py --sections e2e --e2e-images 512 --workers 4,8,12 \
+  --batch-size 64 --device cuda
 run_part toy env PYTHON="$PYTHON" bash scripts/train.sh configs/toy/smile.yaml output_dir=runs/gpu_checks_toy \
   --overwrite
 # SCST on BLIP-base (phases of one step; the rewards' share) and the prefix LM's cached vs uncached step, at
