@@ -10,7 +10,7 @@ import itertools
 import json
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -455,26 +455,40 @@ def generate_captions(captioner: CaptionModel, loader, config: dict, device: tor
     return [by_id[i] for i in sorted(by_id)]
 
 
-def score(results: list[dict], gt: dict, config: dict, groups=("coco",), images_root=None) -> dict:
-    """Metrics on rank 0, broadcast to every rank (so all ranks take the same best-checkpoint decision)."""
-    metrics = None
+@contextmanager
+def scoring_session(gt: dict, config: dict, groups=("coco",), images_root=None):
+    """Rank 0: a metrics session (metrics/suite.py) whose caption-independent work starts now, in the background,
+    while the captions are generated: METEOR's JVMs, tokenising the references, CLIP's embeddings of the images
+    and references. None on the other ranks. Enter it after the captioner is built: transformers'
+    ``from_pretrained`` changes process-wide state, so the session loads CLIP and GPT-2 in this thread."""
+    session = None
     if utils.is_main():
-        from metrics.suite import compute_metrics
+        from metrics.suite import prepare_metrics
 
         eval_config = config["eval"]
         # eval.instances (CHAIR): a configured file that was never fetched is a warning, not a failed run.
-        metrics = compute_metrics(results, gt, metrics=list(groups), images_root=images_root,
-                                  clip_model=eval_config["clip_model"], ppl_model=eval_config["ppl_model"],
-                                  instances=eval_config.get("instances"), skip_missing_instances=True,
-                                  finecapeval=eval_config["finecapeval"])
-    return utils.broadcast_object(metrics)
+        session = prepare_metrics(gt, list(groups), images_root=images_root, clip_model=eval_config["clip_model"],
+                                  ppl_model=eval_config["ppl_model"], instances=eval_config.get("instances"),
+                                  skip_missing_instances=True, finecapeval=eval_config["finecapeval"])
+    try:
+        yield session
+    finally:
+        if session is not None:
+            session.close()
+
+
+def score(results: list[dict], session) -> dict:
+    """Metrics on rank 0 from its ``scoring_session``, broadcast to every rank (so all ranks take the same
+    best-checkpoint decision)."""
+    return utils.broadcast_object(session.score(results) if session is not None else None)
 
 
 def evaluate(captioner: CaptionModel, loader, gt: dict, config: dict, device: torch.device,
              groups=("coco",)) -> tuple[list[dict], dict]:
     """Generate for every image in ``loader`` and score against ``gt``: (results, metrics)."""
-    results = generate_captions(captioner, loader, config, device)
-    return results, score(results, gt, config, groups, images_root=config["data"]["image_root"])
+    with scoring_session(gt, config, groups, images_root=config["data"]["image_root"]) as session:
+        results = generate_captions(captioner, loader, config, device)
+        return results, score(results, session)
 
 
 def selection_score(metrics: dict) -> float:
@@ -621,10 +635,11 @@ def evaluate_split(captioner: CaptionModel, config: dict, split: str, device: to
     """Generate on ``split``, score ``eval.metrics``; writes ``<name>_results.json``, ``<name>_metrics.json`` and
     a histogram of the caption lengths, ``<name>_caption_lengths.png`` (a plot that fails is only a warning)."""
     loader, gt = build_eval_loader(config, split, captioner.eval_transform())
-    results = generate_captions(captioner, loader, config, device)
-    if utils.is_main():
-        utils.write_json(output_dir / f"{name}_results.json", results)  # kept even if scoring fails
-    metrics = score(results, gt, config, config["eval"]["metrics"], images_root=config["data"]["image_root"])
+    with scoring_session(gt, config, config["eval"]["metrics"], images_root=config["data"]["image_root"]) as session:
+        results = generate_captions(captioner, loader, config, device)
+        if utils.is_main():
+            utils.write_json(output_dir / f"{name}_results.json", results)  # kept even if scoring fails
+        metrics = score(results, session)
     if utils.is_main():
         utils.write_json(output_dir / f"{name}_metrics.json", metrics)
         from metrics.plots import plot_caption_lengths_or_warn

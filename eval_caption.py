@@ -43,7 +43,9 @@ def parse_args(argv=None):
     file_mode.add_argument("--images-root", help="folder holding the GT's file_name paths (image metrics)")
     file_mode.add_argument("--instances", metavar="INSTANCES.json", help="COCO instances_{train,val}2014.json, "
                            "for --metrics chair / chair_corrected (object hallucination)")
-    file_mode.add_argument("--metrics", help="comma-separated metric groups (default: coco,length,diversity)")
+    file_mode.add_argument("--metrics", help="comma-separated metric groups (default: the paper's, coco,length,"
+                           "diversity,retrieval,clipscore,ppl; retrieval and clipscore need --images-root and share "
+                           "one CLIP pass over the images)")
     file_mode.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
     file_mode.add_argument("--ppl-model", default="gpt2")
     file_mode.add_argument("--out", help="write the metrics JSON here")

@@ -5,11 +5,11 @@
 #
 #   bash benchmarks/gpu_checks.sh [LOG_DIR]
 #   PARTS="tests generate" bash benchmarks/gpu_checks.sh      # a subset: tests generate train recipe loader
-#                                                              #   toy scst prefix_cache
+#                                                              #   eval toy scst prefix_cache
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-runs/gpu_checks}
-PARTS=${PARTS:-tests generate train recipe loader toy scst prefix_cache}
+PARTS=${PARTS:-tests generate train recipe loader eval toy scst prefix_cache}
 PYTHON=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$LOG_DIR"
@@ -50,6 +50,11 @@ run_part recipe bash -c "'$PYTHON' benchmarks/bench_train.py --preset base --ima
 # nvJPEG + augmentation on the GPU (data.augment_on: device); the target is >= 90 % of the synthetic-batch rate.
 run_part loader "$PYTHON" benchmarks/bench_loader.py --sections e2e --e2e-images 512 --workers 4,8,12 \
   --batch-size 64 --device cuda
+# Evaluation end to end (target: 2 minutes): 5,000 images, beam 3, max length 75, and every metric of the paper,
+# with CLIP ViT-B/32- and GPT-2-small-sized random models (the same cost as trained ones); the old code path,
+# one group after another, and the metrics overlapped with each other and with generation.
+run_part eval "$PYTHON" benchmarks/bench_eval.py --preset base --image-size 384 --beams 3 --max-length 75 \
+  --images 5000 --batch 256 --device cuda --clip-size b32 --gpt2-size small --modes legacy,sequential,overlapped
 run_part toy env PYTHON="$PYTHON" bash scripts/train.sh configs/toy/smile.yaml output_dir=runs/gpu_checks_toy \
   --overwrite
 # SCST on BLIP-base (phases of one step; the rewards' share) and the prefix LM's cached vs uncached step, at

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,11 @@ def load_from_source(loaders: dict, source: str, what: str, expected: str) -> di
             f"could not load {what} from {source!r} ({where}): {err}. Pass a directory holding {expected}, "
             "or a hub id reachable from this machine."
         ) from err
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

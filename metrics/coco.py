@@ -9,6 +9,12 @@ obtained:
   pycocoevalcap's wrapper starts Java twice, prints, and writes into its own (possibly read-only)
   package directory. The command line and the punctuation filter are pycocoevalcap's.
 * Output is quiet unless ``verbose``: the scorers' prints are redirected.
+* METEOR runs pycocoevalcap's jar with pycocoevalcap's command line and input lines, through `MeteorScorer`:
+  its JVMs start when it is created (loading the paraphrase table takes ~10 s of one core, so callers start it
+  early: `coco_caption_metrics` before tokenising, `metrics.suite.MetricSession` while captions are generated),
+  the per-image ``SCORE`` lines are streamed instead of sent one round trip at a time, optionally split over
+  several JVMs, and the one ``EVAL`` line that turns the statistics into scores is pycocoevalcap's, so the
+  scores are the same. BLEU, ROUGE-L and CIDEr run while METEOR's JVMs work.
 * Without Java (`java_available()` is False) METEOR and SPICE cannot run. Then one warning says
   so, captions are tokenised by `fallback_tokenize`, a pure-Python imitation of PTBTokenizer +
   pycocoevalcap's punctuation filter, and only BLEU, ROUGE-L and CIDEr are returned. On ordinary
@@ -29,16 +35,20 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Hashable, Sequence
+import threading
+import time
+import weakref
+from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.meteor import meteor as meteor_module
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from ._common import MetricInputError, read_json_file
+from ._common import MetricInputError, read_json_file, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +61,11 @@ PTB_PUNCTUATIONS = frozenset(ptbtokenizer.PUNCTUATIONS)
 _PTB_JAR = Path(ptbtokenizer.__file__).parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
 # PTBTokenizer runs with -preserveLines: one caption per line, so no caption may contain a break.
 _LINE_BREAKS = re.compile(r"[\r\n\v\f\x85\u2028\u2029]")
+# pycocoevalcap's METEOR command line (`Meteor.__init__`), run in its package directory (the jar finds data/ there).
+METEOR_COMMAND = ("java", "-jar", "-Xmx2G", meteor_module.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm")
+_METEOR_DIR = Path(meteor_module.__file__).parent
+# redirect_stdout swaps the process-wide sys.stdout; two threads doing it at once could leave it swapped.
+_STDOUT_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,6 +115,21 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
     if len(out) < len(lines):
         raise RuntimeError(f"PTBTokenizer returned {len(out)} lines for {len(lines)} captions")
     return [_drop_punctuation(line.rstrip().split(" ")) for line in out[: len(lines)]]
+
+
+def tokenize_texts(texts: Sequence[str], java: bool | None = None) -> dict[str, str]:
+    """``{text: tokens}`` for each distinct text: `ptb_tokenize` with Java, else `fallback_tokenize`.
+
+    PTBTokenizer runs with ``-preserveLines``, one text per line, and tokenises each line on its own, so texts can
+    be tokenised in any grouping (pycocoevalcap itself tokenises references and candidates in two runs); each
+    distinct text is tokenised once. `java`: None asks `java_available()`.
+    """
+    unique = list(dict.fromkeys(texts))
+    if not unique:
+        return {}
+    java = java_available() if java is None else java
+    tokens = ptb_tokenize(unique) if java else [fallback_tokenize(t) for t in unique]
+    return dict(zip(unique, tokens))
 
 
 _CONTRACTIONS = re.compile(r"\b(cannot|gonna|gotta|wanna|gimme|lemme)\b")
@@ -157,6 +187,145 @@ def _drop_punctuation(tokens) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# METEOR
+# ---------------------------------------------------------------------------------------------
+def default_meteor_processes() -> int:
+    """One METEOR JVM per 4 usable cores, 1 to 4: each holds the paraphrase table (~1 GB resident) and costs
+    ~10 s of one core to start, so more only pay where cores are idle (a GPU host evaluating)."""
+    return max(1, min(4, usable_cores() // 4))
+
+
+def meteor_score_line(hypothesis: str, references: Sequence[str]) -> str:
+    """The ``SCORE`` line pycocoevalcap's `Meteor._stat` sends for one image (same clean-up of the hypothesis)."""
+    hypothesis = hypothesis.replace("|||", "").replace("  ", " ")
+    return " ||| ".join(("SCORE", " ||| ".join(references), hypothesis))
+
+
+class MeteorScorer:
+    """METEOR 1.5 as pycocoevalcap computes it, with its JVMs started at construction.
+
+    Same jar, command line (`METEOR_COMMAND`), ``SCORE`` lines and final ``EVAL`` line as
+    `pycocoevalcap.meteor.meteor.Meteor`, so `compute_score` returns the same ``(corpus score, per-image
+    scores)``. What differs is only how the lines travel: pycocoevalcap waits for each image's reply before
+    sending the next line (one round trip per image, ~3 ms); here a writer thread streams the lines while the
+    replies are read, and with ``processes > 1`` the images are split into contiguous shards scored by separate
+    JVMs. Each ``SCORE`` line is answered from that line alone (its matching statistics), so which JVM answers
+    it changes nothing; the statistics are then sent, in image order, in one ``EVAL`` line to the first JVM,
+    which computes the scores exactly as in pycocoevalcap.
+
+    A JVM spends ~10 s (one core) loading the paraphrase table before its first answer. Construct the scorer
+    early (before tokenising, or while captions are generated) so that this overlaps other work; `close` (or
+    ``with``) stops the JVMs, as does garbage collection.
+    """
+
+    def __init__(self, processes: int | None = None):
+        count = default_meteor_processes() if processes is None else int(processes)
+        if count < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self._lock = threading.Lock()
+        self._procs: list[subprocess.Popen] = []
+        self._errs = []
+        try:
+            for _ in range(count):
+                err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty JVM can never block on it
+                self._errs.append(err)
+                self._procs.append(subprocess.Popen(list(METEOR_COMMAND), cwd=_METEOR_DIR, stdin=subprocess.PIPE,
+                                                    stdout=subprocess.PIPE, stderr=err))
+        except BaseException:
+            _stop_processes(self._procs, self._errs)
+            raise
+        self._finalizer = weakref.finalize(self, _stop_processes, list(self._procs), list(self._errs))
+
+    @property
+    def processes(self) -> int:
+        return len(self._procs)
+
+    def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, list[float]]:
+        """pycocoevalcap's ``Meteor.compute_score``: `gts` ``{id: [reference tokens]}``, `res` ``{id: [tokens]}``
+        with the same keys (one hypothesis each); returns ``(score, [per-image score in gts order])``."""
+        if gts.keys() != res.keys():
+            raise ValueError("METEOR needs the same image ids in gts and res")
+        if not self._procs or not self._finalizer.alive:
+            raise RuntimeError("this MeteorScorer is closed")
+        ids = list(gts)
+        if not ids:
+            raise ValueError("METEOR needs at least one image")
+        for i in ids:
+            if len(res[i]) != 1:
+                raise ValueError(f"METEOR needs exactly one hypothesis per image; image {i!r} has {len(res[i])}")
+        lines = [meteor_score_line(res[i][0], gts[i]) for i in ids]
+        size = -(-len(lines) // len(self._procs))  # ceil: contiguous shards, the last one shorter
+        shards = [(proc, err, lines[start:start + size])
+                  for (proc, err), start in zip(zip(self._procs, self._errs), range(0, len(lines), size))]
+        with self._lock:
+            if len(shards) == 1:
+                stats = _ask(*shards[0])
+            else:
+                with ThreadPoolExecutor(len(shards), thread_name_prefix="meteor") as pool:
+                    stats = [s for part in pool.map(lambda shard: _ask(*shard), shards) for s in part]
+            eval_line = "EVAL" + "".join(f" ||| {s}" for s in stats)
+            replies = _ask(self._procs[0], self._errs[0], [eval_line], replies=len(ids) + 1)
+        return float(replies[-1]), [float(r) for r in replies[:-1]]
+
+    def method(self) -> str:
+        return "METEOR"
+
+    def close(self) -> None:
+        """Stop the JVMs (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> MeteorScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _ask(proc: subprocess.Popen, err, lines: list[str], replies: int | None = None) -> list[str]:
+    """Send `lines` to a METEOR JVM from a writer thread while reading its replies (one per line by default)."""
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for line in lines:
+                proc.stdin.write(f"{line}\n".encode())
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError) as error:  # the JVM died; the reader reports it with its stderr
+            failure.append(error)
+
+    writer = threading.Thread(target=write, name="meteor-writer", daemon=True)
+    writer.start()
+    out = []
+    for _ in range(len(lines) if replies is None else replies):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        out.append(line.decode().strip())
+    writer.join()
+    expected = len(lines) if replies is None else replies
+    if len(out) < expected:
+        proc.poll()
+        err.seek(0)
+        tail = err.read().decode("utf-8", "replace")[-2000:]
+        raise RuntimeError(f"METEOR ({' '.join(METEOR_COMMAND)}) stopped after {len(out)} of {expected} replies "
+                           f"(exit code {proc.returncode}){': ' + repr(failure[0]) if failure else ''}: {tail}")
+    return out
+
+
+def _stop_processes(procs: list[subprocess.Popen], errs: list) -> None:
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        proc.kill()
+    for proc in procs:
+        proc.wait()
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+    for err in errs:
+        err.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Ground truth
 # ---------------------------------------------------------------------------------------------
 def read_coco_gt(gt: dict | str | Path) -> tuple[dict, str]:
@@ -206,6 +375,10 @@ def coco_caption_metrics(
     gt: dict | str | Path,
     spice: bool = False,
     verbose: bool = False,
+    meteor: MeteorScorer | None = None,
+    tokens: Mapping[str, str] | None = None,
+    overlap: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE if asked) of `results` against `gt`.
 
@@ -215,6 +388,14 @@ def coco_caption_metrics(
         spice: also compute SPICE. pycocoevalcap downloads Stanford CoreNLP models for it on first
             use, and it needs Java and several GB of memory.
         verbose: let pycocoevalcap print its progress.
+        meteor: a `MeteorScorer` started earlier (its JVMs may have loaded meanwhile); the caller closes it.
+            None: one is started here, before tokenising, and closed at the end.
+        tokens: ``{text: tokens}`` from `tokenize_texts` with the same Java setting, e.g. the references
+            tokenised while the captions were generated; the other texts are tokenised here.
+        overlap: score METEOR (in its JVMs) while BLEU, ROUGE-L and CIDEr run in this thread; False runs them
+            one after the other, in pycocoevalcap's order. The scores are the same.
+        timings: if given, filled with wall seconds: ``coco_tokenize``, ``bleu``, ``meteor`` (with overlap,
+            including the wait for the JVM), ``rouge``, ``cider`` (and ``spice``).
 
     Scored images are those in results ∩ GT, as with COCOEvalCap; result ids absent from the GT
     are named in a warning and skipped (`metrics.suite` turns that into an error before getting
@@ -254,37 +435,71 @@ def coco_caption_metrics(
             "tokenising with the pure-Python PTB fallback and reporting BLEU, ROUGE_L and CIDEr only. "
             "Install a Java runtime (>= 8) for the full set.", skipped,
         )
-    texts = [candidates[i] for i in ids] + [r for i in ids for r in refs[i]]
-    tokens = ptb_tokenize(texts) if java else [fallback_tokenize(t) for t in texts]
-    res_tok = {i: [tokens[k]] for k, i in enumerate(ids)}
-    gts_tok, start = {}, len(ids)
-    for i in ids:
-        gts_tok[i] = tokens[start: start + len(refs[i])]
-        start += len(refs[i])
+    timings = {} if timings is None else timings
+    own_meteor = None
+    if java and meteor is None and overlap:
+        meteor = own_meteor = MeteorScorer()  # its JVMs load the paraphrase table while we tokenise
+    try:
+        with _timed(timings, "coco_tokenize"):
+            texts = [candidates[i] for i in ids] + [r for i in ids for r in refs[i]]
+            known = tokens or {}
+            by_text = {**known, **tokenize_texts([t for t in texts if t not in known], java)}
+        res_tok = {i: [by_text[candidates[i]]] for i in ids}
+        gts_tok = {i: [by_text[r] for r in refs[i]] for i in ids}
 
-    scores: dict[str, float] = {}
-    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with quiet:
-        bleu, _ = Bleu(4).compute_score(gts_tok, res_tok, verbose=int(verbose))
-        scores.update(zip(BLEU_KEYS, map(float, bleu)))
-        if java:
-            meteor = Meteor()
-            try:
-                scores["METEOR"] = float(meteor.compute_score(gts_tok, res_tok)[0])
-            finally:
-                del meteor  # its __del__ stops the METEOR JVM now rather than at interpreter exit
-        scores["ROUGE_L"] = float(Rouge().compute_score(gts_tok, res_tok)[0])
-        scores["CIDEr"] = float(Cider().compute_score(gts_tok, res_tok)[0])
+        scores: dict[str, float] = {}
+        pending = None
+        if java and overlap:
+            pending = ThreadPoolExecutor(1, thread_name_prefix="meteor")
+            meteor_future = pending.submit(_timed_call, timings, "meteor", meteor.compute_score, gts_tok, res_tok)
+        try:
+            with _timed(timings, "bleu"):
+                bleu, _ = Bleu(4).compute_score(gts_tok, res_tok, verbose=int(verbose))  # verbose=0 prints nothing
+            scores.update(zip(BLEU_KEYS, map(float, bleu)))
+            if java and not overlap:
+                if meteor is None:
+                    meteor = own_meteor = MeteorScorer()
+                scores["METEOR"] = float(_timed_call(timings, "meteor", meteor.compute_score, gts_tok, res_tok)[0])
+            with _timed(timings, "rouge"):
+                scores["ROUGE_L"] = float(Rouge().compute_score(gts_tok, res_tok)[0])
+            with _timed(timings, "cider"):
+                scores["CIDEr"] = float(Cider().compute_score(gts_tok, res_tok)[0])
+            if pending is not None:
+                scores["METEOR"] = float(meteor_future.result()[0])
+        finally:
+            if pending is not None:
+                pending.shutdown(wait=False)
         if spice and java:
-            scores["SPICE"] = _spice(gts_tok, res_tok)
-    return scores
+            with _timed(timings, "spice"):
+                scores["SPICE"] = _spice(gts_tok, res_tok, verbose)
+    finally:
+        if own_meteor is not None:
+            own_meteor.close()
+    return {key: scores[key] for key in (*BLEU_KEYS, "METEOR", "ROUGE_L", "CIDEr", "SPICE") if key in scores}
 
 
-def _spice(gts_tok: dict, res_tok: dict) -> float:
+def _timed_call(timings: dict, name: str, fn, *args):
+    with _timed(timings, name):
+        return fn(*args)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _spice(gts_tok: dict, res_tok: dict, verbose: bool = False) -> float:
     from pycocoevalcap.spice import spice as spice_module
 
     try:
-        return float(spice_module.Spice().compute_score(gts_tok, res_tok)[0])
+        # Only SPICE prints from Python (its first-use download); the lock keeps two threads from swapping
+        # sys.stdout at once, which could leave it swapped.
+        with _STDOUT_LOCK, (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())):
+            return float(spice_module.Spice().compute_score(gts_tok, res_tok)[0])
     except Exception as err:  # download, Java version or memory problems all surface here
         raise RuntimeError(
             "SPICE failed. It needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads on first use "

@@ -19,25 +19,36 @@ Results vs ground truth (decided here, before any metric runs; nothing is droppe
 Images for retrieval and CLIPScore are ``images_root / file_name`` from the GT ``images`` entries;
 the retrieval pool is the scored images (optionally plus distractors), its size reported as
 ``retrieval_pool``.
+
+Time (`MetricSession`, which `compute_metrics` runs): every image and every distinct text is encoded by CLIP once
+and shared by retrieval and CLIPScore; the COCO group (PTB tokeniser, METEOR's JVMs, the Python BLEU/ROUGE/CIDEr)
+runs in a background thread while CLIP and GPT-2 score; and what does not depend on the captions (loading CLIP
+and GPT-2, encoding the GT images and the prefixed references, tokenising the references, starting METEOR's
+JVMs) can start before the captions exist, e.g. while they are generated (`prepare_metrics`). The numbers are
+those of the sequential computation (``overlap=False``), up to the float rounding of different batch shapes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from .clip_metrics import DEFAULT_CLIP, check_image_files, encode_images, extra_pool_paths, load_clip, \
-    ref_clip_score, self_retrieval
-from ._common import MetricInputError, read_json_file
+from .clip_metrics import CLIPSCORE_PREFIX, DEFAULT_CLIP, check_image_files, encode_images, encode_texts, \
+    extra_pool_paths, load_clip, ref_clip_score_summary, retrieval_from_features, with_prefix
+from ._common import MetricInputError, read_json_file, resolve_device
 from .chair import CHAIR_CORRECTED_KEYS, CHAIR_KEYS, chair_scores, read_coco_instances
-from .coco import COCO_KEYS, coco_caption_metrics, read_coco_gt, references_by_image
-from .perplexity import DEFAULT_LM, gpt2_perplexity
+from . import coco
+from .coco import COCO_KEYS, MeteorScorer, coco_caption_metrics, read_coco_gt, references_by_image, tokenize_texts
+from .perplexity import DEFAULT_LM, gpt2_perplexity, load_language_model
 from .text_stats import caption_length, lexical_diversity
 from .finecapeval import FINECAP_KEYS, FineCapEvalData, finecap_scores, finecapeval_gt, image_stem, \
     read_finecapeval_csv
@@ -81,7 +92,7 @@ def compute_metrics(
     device: str | torch.device | None = None,
     batch_size: int = 64,
     text_batch_size: int = 256,
-    ppl_batch_size: int = 16,
+    ppl_batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
     verbose: bool = False,
@@ -90,6 +101,8 @@ def compute_metrics(
     finecapeval: str | Path | FineCapEvalData | None = None,
     instances: str | Path | Mapping[Hashable, Iterable[str]] | None = None,
     skip_missing_instances: bool = False,
+    overlap: bool = True,
+    meteor_processes: int | None = None,
 ) -> dict[str, float | int | None]:
     """Score generated captions against COCO-format ground truth.
 
@@ -104,9 +117,9 @@ def compute_metrics(
         device: where CLIP and GPT-2 run; default CUDA when available.
         batch_size / text_batch_size / ppl_batch_size: CLIP image, CLIP text and LM batch sizes.
         num_workers: image-decoding workers (see `encode_images`).
-        progress: tqdm bars for the model-based metrics.
+        progress: tqdm bars for the model-based metrics run in the calling thread.
         verbose: let pycocoevalcap print.
-        timings: if given, filled with wall seconds per group (and ``clip_images``).
+        timings: if given, filled with wall seconds per phase (`MetricSession.timings`).
         results_name: how messages name the results (a file path when scoring a file).
         finecapeval: FineCapEval.csv (or its `read_finecapeval_csv` data), needed by "finecapeval"; each
             scored image is matched to its CSV rows by the GT's ``file_name`` (else its id) up to the first dot.
@@ -114,82 +127,384 @@ def compute_metrics(
             ``{image_id: category names}``, needed by "chair" and "chair_corrected" (an error without it).
         skip_missing_instances: if `instances` is a path that does not exist, warn and report the CHAIR keys as
             None instead of failing (config mode: the COCO configs name the file whether or not it was fetched).
+        overlap: run the COCO group in a background thread while CLIP and GPT-2 score (and METEOR beside BLEU,
+            ROUGE-L and CIDEr); False runs every group in turn in the calling thread. Same numbers.
+        meteor_processes: METEOR JVMs (`MeteorScorer`; default one per 4 usable cores, 1 to 4).
 
     Returns:
         ``{"num_images", "num_missing", <keys of the requested groups in METRIC_KEYS order>}``.
     """
-    groups = _check_groups(metrics)
-    gt, gt_name = read_coco_gt(gt)
-    scored, num_missing = align_results(results, gt, results_name, gt_name)
-    ids = [image_id for image_id, _ in scored]
-    captions = [caption for _, caption in scored]
-    refs = references_by_image(gt)
-    if groups & {"coco", "spice", "clipscore", "finecapeval"}:
-        without = [i for i in ids if not refs[i]]
-        if without:
-            raise MetricInputError(f"{gt_name}: {len(without)} scored images have no reference caption "
-                             f"(first: {without[:_SHOW]})")
-    image_paths = _image_paths(gt, gt_name, ids, images_root, groups) if groups & IMAGE_METRICS else None
-    # Checked before any metric runs, so a GT without scene attributes fails fast.
-    toy_scenes = scenes_from_gt(gt, ids, gt_name) if "toy_grounding" in groups else None
-    finecap = _finecap_inputs(gt, scored, finecapeval) if "finecapeval" in groups else None
-    chair_groups = sorted(groups & {"chair", "chair_corrected"})
-    instance_objects = _chair_instances(instances, chair_groups, skip_missing_instances) if chair_groups else None
+    with MetricSession(gt, metrics, images_root=images_root, clip_model=clip_model, ppl_model=ppl_model,
+                       extra_pool_images=extra_pool_images, device=device, batch_size=batch_size,
+                       text_batch_size=text_batch_size, ppl_batch_size=ppl_batch_size, num_workers=num_workers,
+                       progress=progress, verbose=verbose, finecapeval=finecapeval, instances=instances,
+                       skip_missing_instances=skip_missing_instances, overlap=overlap,
+                       meteor_processes=meteor_processes) as session:
+        return session.score(results, results_name=results_name, timings=timings)
 
-    out: dict[str, float | int | None] = {"num_images": len(ids), "num_missing": num_missing}
-    timings = {} if timings is None else timings
 
-    def timed(name: str):
-        return _Timer(timings, name)
+def prepare_metrics(gt: dict | str | Path, metrics: Sequence[str] | None = DEFAULT_METRICS, **kwargs) -> MetricSession:
+    """A `MetricSession` whose caption-independent work has started in background threads.
 
-    if groups & {"coco", "spice", "finecapeval"}:  # finecapeval's "overall" score is the COCO metrics
-        with timed("coco"):
-            out.update(coco_caption_metrics(
-                [{"image_id": i, "caption": c} for i, c in scored], gt, spice="spice" in groups, verbose=verbose))
-    if "length" in groups:
-        with timed("length"):
-            out["cap_len"] = caption_length(captions)
-    if "diversity" in groups:
-        with timed("diversity"):
-            out.update(lexical_diversity(captions))
-    if groups & IMAGE_METRICS:
-        clip = load_clip(clip_model, device)
-        with timed("clip_images"):
-            image_features = encode_images(image_paths, clip, batch_size, num_workers, progress)
-        if "retrieval" in groups:
-            with timed("retrieval"):
-                extra = extra_pool_paths(extra_pool_images, exclude=image_paths)
-                out.update(self_retrieval(captions, image_features, clip, extra, batch_size=batch_size,
-                                          text_batch_size=text_batch_size, num_workers=num_workers,
-                                          progress=progress))
-        if "clipscore" in groups:
-            with timed("clipscore"):
-                scores = ref_clip_score(captions, [refs[i] for i in ids], image_features, clip,
-                                        text_batch_size=text_batch_size, progress=progress)
-                out["CLIPScore"], out["RefCLIPScore"] = scores["CLIPScore"], scores["RefCLIPScore"]
-        del clip
-    if "ppl" in groups:
-        with timed("ppl"):
-            out["PPL"] = gpt2_perplexity(captions, ppl_model, ppl_batch_size, device, progress)
-    if "toy_grounding" in groups:
-        with timed("toy_grounding"):
-            out.update(toy_grounding(captions, *toy_scenes, source=gt_name))
-    if "finecapeval" in groups:
-        with timed("finecapeval"):
-            out.update(finecap_scores(*finecap))
-    if chair_groups and instance_objects is not None:
-        with timed("chair"):
-            objects, source = instance_objects
-            for group in chair_groups:
-                out.update(chair_scores(dict(scored), refs, objects, variant="original" if group == "chair" else
-                                        "corrected", source=source))
+    Call it before generating the captions, then ``session.score(results)`` and ``session.close()`` (or use it
+    in a ``with``). `kwargs` are `MetricSession`'s (those of `compute_metrics` but `results`, `timings` and
+    `results_name`).
+    """
+    return MetricSession(gt, metrics, **kwargs).prepare()
 
-    ordered = {k: out[k] for k in COUNT_KEYS}
-    for group in ALL_METRICS:
-        if group in groups or (group == "coco" and groups & {"spice", "finecapeval"}):
-            ordered.update({k: out.get(k) for k in METRIC_KEYS[group]})  # None: not computable here
-    ordered.update({k: v for k, v in out.items() if k not in ordered})
-    return ordered
+
+def start_metrics(results: Sequence[dict], gt: dict | str | Path, **kwargs) -> Future:
+    """`compute_metrics` in a background thread; returns its Future (``.result()`` is the metrics dict).
+
+    For scoring one set of captions while the caller does something else, e.g. generates the next split. The
+    thread does not show progress bars unless ``progress=True`` is passed.
+    """
+    kwargs.setdefault("progress", False)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="metrics")
+    try:
+        return executor.submit(compute_metrics, list(results), gt, **kwargs)
+    finally:
+        executor.shutdown(wait=False)  # the thread ends when the job does
+
+
+class MetricSession:
+    """Scores captions against one ground truth, starting what does not depend on them as early as asked.
+
+    `prepare` (or `prepare_metrics`) loads CLIP and the perplexity LM and starts, in background threads:
+    encoding every GT image (and the distractors) and every prefixed reference caption with CLIP; tokenising the
+    references and starting METEOR's JVMs (~10 s of one core each to load the paraphrase table). `score` then
+    validates the results (the policy of the module docstring, with the same messages, before anything is
+    computed), runs the COCO group in a background thread and the model-based groups in the calling thread,
+    waiting for the prepared parts when it needs them. If `score` is called without an earlier `prepare`, the
+    preparation covers only the scored images. CLIP work in a background thread runs on its own CUDA stream, so
+    it interleaves with the caller's kernels (e.g. captioning) rather than queueing behind them.
+
+    Embeddings are kept by resolved image path and by exact text, so each is computed once whatever the groups
+    and whichever images end up scored; an image or text not encoded beforehand is encoded in `score`.
+
+    ``overlap=False`` starts no thread: `prepare` only loads the models and `score` computes each group in turn
+    (COCO, length, diversity, PPL, CLIP, ...), the reference for the overlapped path.
+
+    `timings` holds wall seconds per phase, accumulated across threads (phases overlap): ``coco`` (the COCO
+    group in `score`) with ``coco_tokenize``, ``bleu``, ``meteor``, ``rouge``, ``cider``; ``length``,
+    ``diversity``; ``clip_load``, ``clip_images``, ``clip_texts``, ``retrieval``, ``clipscore``; ``ppl_load``,
+    ``ppl``; and ``toy_grounding``, ``finecapeval``, ``chair`` when asked.
+    """
+
+    def __init__(
+        self,
+        gt: dict | str | Path,
+        metrics: Sequence[str] | None = DEFAULT_METRICS,
+        *,
+        images_root: str | Path | None = None,
+        clip_model: str | Path = DEFAULT_CLIP,
+        ppl_model: str | Path = DEFAULT_LM,
+        extra_pool_images: str | Path | Sequence[str | Path] | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        text_batch_size: int = 256,
+        ppl_batch_size: int = 64,
+        num_workers: int | None = None,
+        progress: bool = True,
+        verbose: bool = False,
+        finecapeval: str | Path | FineCapEvalData | None = None,
+        instances: str | Path | Mapping[Hashable, Iterable[str]] | None = None,
+        skip_missing_instances: bool = False,
+        overlap: bool = True,
+        meteor_processes: int | None = None,
+    ):
+        self.groups = _check_groups(metrics)
+        self.gt, self.gt_name = read_coco_gt(gt)
+        self.refs = references_by_image(self.gt)
+        self.images_root, self.extra_pool_images = images_root, extra_pool_images
+        self.clip_model, self.ppl_model, self.device = clip_model, ppl_model, resolve_device(device)
+        self.batch_size, self.text_batch_size, self.ppl_batch_size = batch_size, text_batch_size, ppl_batch_size
+        self.num_workers, self.progress, self.verbose = num_workers, progress, verbose
+        self.finecapeval, self.instances, self.skip_missing_instances = finecapeval, instances, skip_missing_instances
+        self.overlap, self.meteor_processes = overlap, meteor_processes
+        self.timings: dict[str, float] = {}
+        self._meteor: MeteorScorer | None = None
+        self._clip = self._lm = self._origin_stream = None
+        self._pool = ThreadPoolExecutor(3, thread_name_prefix="metrics-prepare") if overlap else None
+        self._tasks: dict[str, _Task] = {}
+        self._started = False
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # ---- preparation ------------------------------------------------------------------------------
+    def prepare(self) -> MetricSession:
+        """Load CLIP and the perplexity LM (in the calling thread) and start the other caption-independent work for
+        every GT image in background threads (idempotent). With ``overlap=False`` only the models are loaded.
+
+        The models load here rather than in a thread because transformers' ``from_pretrained`` swaps process-wide
+        state while it runs (``PreTrainedModel.tie_weights``, ``torch.set_default_dtype``, ``torch.linspace``):
+        two loads in two threads can leave a model with untied, never-loaded weights.
+        """
+        return self._start(None)
+
+    def _start(self, ids: Sequence[Hashable] | None) -> MetricSession:
+        """`prepare` for the images `ids` (None: all GT images)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this MetricSession is closed")
+            if self._started:
+                return self
+            self._started = True
+            ids = [image["id"] for image in self.gt["images"]] if ids is None else list(ids)
+            # The models are copied to the device on this thread's stream; background CUDA work waits for it.
+            self._origin_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            if self.groups & {"coco", "spice", "finecapeval"}:  # first: METEOR's JVMs start loading at once
+                self._tasks["coco"] = _Task(lambda: self._prepare_coco(ids), self._pool)
+            if self.groups & IMAGE_METRICS:
+                with self._timed("clip_load"):
+                    self._clip = load_clip(self.clip_model, self.device)
+                self._tasks["clip"] = _Task(lambda: self._prepare_clip(ids), self._pool)
+            if "ppl" in self.groups:
+                with self._timed("ppl_load"):
+                    self._lm = load_language_model(self.ppl_model, self.device)
+        return self
+
+    # With overlap these run in the pool's threads: no progress bars there (bars from several threads interleave).
+    def _prepare_coco(self, ids: list) -> dict[str, str]:
+        java = coco.java_available()  # through the module, as coco_caption_metrics asks it (tests patch it there)
+        if java and self.overlap:
+            self._meteor = MeteorScorer(self.meteor_processes)  # the JVMs load while the references are tokenised
+        if not self.overlap:
+            return {}
+        with self._timed("coco_tokenize"):
+            return tokenize_texts([r for i in ids for r in self.refs.get(i, ())], java)
+
+    def _prepare_clip(self, ids: list) -> tuple[_Embeddings, _Embeddings]:
+        images, texts = _Embeddings(), _Embeddings()
+        if not self.overlap:
+            return images, texts
+        with _side_stream(self.device, after=self._origin_stream):
+            # Best effort: files missing now are reported by `score` if a scored image needs them.
+            paths = self._image_files(ids)
+            with contextlib.suppress(MetricInputError, OSError):
+                paths += extra_pool_paths(self.extra_pool_images, exclude=paths)
+            with self._timed("clip_images"):
+                self._encode_images(images, paths, progress=False)
+            if "clipscore" in self.groups:
+                flat = [r for i in ids for r in self.refs.get(i, ())]
+                with self._timed("clip_texts"):
+                    self._encode_texts(texts, with_prefix(flat, CLIPSCORE_PREFIX), progress=False)
+        return images, texts
+
+    def _image_files(self, ids: list) -> list[Path]:
+        if self.images_root is None or not Path(self.images_root).is_dir():
+            return []
+        root = Path(self.images_root)
+        names = {image["id"]: image.get("file_name") for image in self.gt["images"]}
+        return [root / names[i] for i in ids if names.get(i) and os.path.isfile(root / names[i])]
+
+    def _encode_images(self, cache: _Embeddings, paths: Sequence[Path], progress: bool) -> None:
+        cache.add_missing(paths, lambda todo: encode_images(todo, self._clip, self.batch_size, self.num_workers,
+                                                           progress), key=_path_key)
+
+    def _encode_texts(self, cache: _Embeddings, texts: Sequence[str], progress: bool) -> None:
+        cache.add_missing(texts, lambda todo: encode_texts(todo, self._clip, prefix="",
+                                                          batch_size=self.text_batch_size, progress=progress))
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def score(self, results: Sequence[dict], results_name: str = "<results>",
+              timings: dict[str, float] | None = None) -> dict[str, float | int | None]:
+        """`compute_metrics` of `results` against this session's GT and groups (see there for the dict).
+
+        May be called again (e.g. captions of another checkpoint on the same images); models, embeddings, tokens
+        and JVMs are kept until `close`.
+        """
+        if self._closed:
+            raise RuntimeError("this MetricSession is closed")
+        groups, gt, gt_name, refs = self.groups, self.gt, self.gt_name, self.refs
+        scored, num_missing = align_results(results, gt, results_name, gt_name)
+        ids = [image_id for image_id, _ in scored]
+        captions = [caption for _, caption in scored]
+        if groups & {"coco", "spice", "clipscore", "finecapeval"}:
+            without = [i for i in ids if not refs[i]]
+            if without:
+                raise MetricInputError(f"{gt_name}: {len(without)} scored images have no reference caption "
+                                       f"(first: {without[:_SHOW]})")
+        image_paths = _image_paths(gt, gt_name, ids, self.images_root, groups) if groups & IMAGE_METRICS else None
+        # Checked before any metric runs, so a GT without scene attributes fails fast.
+        toy_scenes = scenes_from_gt(gt, ids, gt_name) if "toy_grounding" in groups else None
+        finecap = _finecap_inputs(gt, scored, self.finecapeval) if "finecapeval" in groups else None
+        chair_groups = sorted(groups & {"chair", "chair_corrected"})
+        instance_objects = _chair_instances(self.instances, chair_groups, self.skip_missing_instances) \
+            if chair_groups else None
+        self._start(ids)  # no-op after `prepare`
+
+        out: dict[str, float | int | None] = {"num_images": len(ids), "num_missing": num_missing}
+        timed = self._timed
+        coco_future = None
+        coco_pool = None
+        try:
+            if groups & {"coco", "spice", "finecapeval"}:  # finecapeval's "overall" score is the COCO metrics
+                if self.overlap:  # BLEU/ROUGE/CIDEr hold the GIL ~4 s per 5,000 captions; the rest releases it
+                    coco_pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-coco")
+                    coco_future = coco_pool.submit(self._coco, scored)
+                else:
+                    out.update(self._coco(scored))
+            if "length" in groups:
+                with timed("length"):
+                    out["cap_len"] = caption_length(captions)
+            if "diversity" in groups:
+                with timed("diversity"):
+                    out.update(lexical_diversity(captions))
+            if "ppl" in groups:  # first: the CLIP preparation (image decoding in workers) runs meanwhile
+                with timed("ppl"):
+                    out["PPL"] = gpt2_perplexity(captions, self._lm, self.ppl_batch_size, self.device, self.progress)
+            if groups & IMAGE_METRICS:
+                out.update(self._clip_metrics(captions, [refs[i] for i in ids], image_paths))
+            if "toy_grounding" in groups:
+                with timed("toy_grounding"):
+                    out.update(toy_grounding(captions, *toy_scenes, source=gt_name))
+            if "finecapeval" in groups:
+                with timed("finecapeval"):
+                    out.update(finecap_scores(*finecap))
+            if chair_groups and instance_objects is not None:
+                with timed("chair"):
+                    objects, source = instance_objects
+                    for group in chair_groups:
+                        out.update(chair_scores(dict(scored), refs, objects, variant="original" if group == "chair"
+                                                else "corrected", source=source))
+            if coco_future is not None:
+                out.update(coco_future.result())
+        finally:
+            if coco_pool is not None:
+                coco_pool.shutdown(wait=True)  # never leave the COCO thread running past this call
+        if timings is not None:
+            timings.update(self.timings)
+
+        ordered = {k: out[k] for k in COUNT_KEYS}
+        for group in ALL_METRICS:
+            if group in groups or (group == "coco" and groups & {"spice", "finecapeval"}):
+                ordered.update({k: out.get(k) for k in METRIC_KEYS[group]})  # None: not computable here
+        ordered.update({k: v for k, v in out.items() if k not in ordered})
+        return ordered
+
+    def _coco(self, scored: list[tuple[Hashable, str]]) -> dict[str, float]:
+        tokens = self._tasks["coco"].result()
+        coco_timings: dict[str, float] = {}
+        with self._timed("coco"):
+            scores = coco_caption_metrics([{"image_id": i, "caption": c} for i, c in scored], self.gt,
+                                          spice="spice" in self.groups, verbose=self.verbose, meteor=self._meteor,
+                                          tokens=tokens, overlap=self.overlap, timings=coco_timings)
+        for name, seconds in coco_timings.items():
+            self.timings[name] = self.timings.get(name, 0.0) + seconds
+        return scores
+
+    def _clip_metrics(self, captions: list[str], references: list[list[str]], image_paths: list[Path]) -> dict:
+        images, texts = self._tasks["clip"].result()
+        out = {}
+        pool_paths = list(image_paths)
+        if "retrieval" in self.groups:
+            pool_paths += extra_pool_paths(self.extra_pool_images, exclude=image_paths)
+        with self._timed("clip_images"):
+            self._encode_images(images, pool_paths, self.progress)
+        prefixed = with_prefix(captions, CLIPSCORE_PREFIX)
+        flat = with_prefix([r for refs in references for r in refs], CLIPSCORE_PREFIX)
+        needed = (captions if "retrieval" in self.groups else []) + \
+            (prefixed + flat if "clipscore" in self.groups else [])
+        with self._timed("clip_texts"):
+            self._encode_texts(texts, needed, self.progress)
+        if "retrieval" in self.groups:
+            with self._timed("retrieval"):
+                out.update(retrieval_from_features(texts.get(captions), images.get(pool_paths, key=_path_key),
+                                                   device=self.device))
+        if "clipscore" in self.groups:
+            with self._timed("clipscore"):
+                owner = torch.repeat_interleave(torch.arange(len(references)),
+                                                torch.tensor([len(r) for r in references]))
+                scores = ref_clip_score_summary(images.get(image_paths, key=_path_key), texts.get(prefixed),
+                                                texts.get(flat), owner)
+            out["CLIPScore"], out["RefCLIPScore"] = scores["CLIPScore"], scores["RefCLIPScore"]
+        return out
+
+    def _timed(self, name: str) -> _Timer:
+        return _Timer(self.timings, name)
+
+    # ---- lifetime ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for background work still running, stop METEOR's JVMs and drop the models (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._meteor is not None:
+            self._meteor.close()
+        self._tasks.clear()
+        self._clip = self._lm = None
+
+    def __enter__(self) -> MetricSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Task:
+    """A job run in `pool` at once, or (no pool) in the thread that first asks for its result."""
+
+    def __init__(self, fn: Callable, pool: ThreadPoolExecutor | None):
+        self._fn = fn
+        self._future = pool.submit(fn) if pool is not None else None
+        self._done, self._value = False, None
+
+    def result(self):
+        if self._future is not None:
+            return self._future.result()
+        if not self._done:
+            self._value, self._done = self._fn(), True
+        return self._value
+
+
+class _Embeddings:
+    """Unit-norm CLIP embeddings by key (an image's resolved path, or the exact text), each computed once."""
+
+    def __init__(self):
+        self._row: dict = {}
+        self._chunks: list[torch.Tensor] = []
+        self._table: torch.Tensor | None = None
+
+    def add_missing(self, items: Sequence, encode: Callable[[list], torch.Tensor], key=lambda item: item) -> None:
+        todo = {}
+        for item in items:
+            k = key(item)
+            if k not in self._row and k not in todo:
+                todo[k] = item
+        if not todo:
+            return
+        features = encode(list(todo.values()))  # (len(todo), D)
+        start = sum(len(c) for c in self._chunks)
+        self._row.update((k, start + n) for n, k in enumerate(todo))
+        self._chunks.append(features)
+        self._table = None
+
+    def get(self, items: Sequence, key=lambda item: item) -> torch.Tensor:
+        if self._table is None:
+            self._table = torch.cat(self._chunks)
+        return self._table[torch.tensor([self._row[key(item)] for item in items], dtype=torch.long)]
+
+
+def _path_key(path) -> str:
+    return os.path.realpath(path)
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device, after=None):
+    """Run the block's CUDA work on a stream of its own, after the work queued so far on stream `after` (where the
+    models' weights were copied), and wait for it at the end; a no-op off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(after if after is not None else torch.cuda.default_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 def align_results(

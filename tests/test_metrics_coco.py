@@ -168,12 +168,70 @@ def test_spice_failure_names_its_cause(monkeypatch):
         def compute_score(self, gts, res):
             return 0.5, []
 
+        def close(self):
+            pass
+
     class OfflineSpice:
         def __init__(self):
             raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
-    monkeypatch.setattr(coco, "Meteor", FakeMeteor)
+    monkeypatch.setattr(coco, "MeteorScorer", FakeMeteor)
     monkeypatch.setattr(spice_module, "Spice", OfflineSpice)
     gt, results = small_set()
     with pytest.raises(RuntimeError, match="SPICE failed. It needs Stanford CoreNLP 3.6.0.*name resolution"):
         coco_caption_metrics(results, gt, spice=True)
+
+
+# ---- METEOR: pycocoevalcap's jar, streamed and sharded ----------------------------------------------
+def tokenised(gt, results):
+    refs = coco.references_by_image(gt)
+    tokens = coco.tokenize_texts([r["caption"] for r in results] + [c for rs in refs.values() for c in rs])
+    res = {r["image_id"]: [tokens[r["caption"]]] for r in results}
+    gts = {r["image_id"]: [tokens[c] for c in refs[r["image_id"]]] for r in results}
+    return gts, res
+
+
+@needs_java
+def test_tokenising_in_any_grouping_gives_the_same_tokens():
+    joint = ptb_tokenize(PTB_CASES)
+    half = len(PTB_CASES) // 2
+    apart = ptb_tokenize(PTB_CASES[half:]) + ptb_tokenize(PTB_CASES[:half])
+    assert apart == joint[half:] + joint[:half]
+    assert coco.tokenize_texts(PTB_CASES + PTB_CASES[:3]) == dict(zip(PTB_CASES, joint))
+
+
+@pytest.mark.slow
+@needs_java
+def test_meteor_scorer_equals_pycocoevalcap_and_overlap_changes_nothing(monkeypatch):
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    gt, results = synthetic_coco(40, seed=3)
+    results[5]["caption"] = "a dog ||| with  pipes"  # pycocoevalcap's hypothesis clean-up applies
+    gts, res = tokenised(gt, results)
+    reference = Meteor()
+    try:
+        expected = reference.compute_score(gts, res)
+    finally:
+        del reference
+    with coco.MeteorScorer(processes=2) as scorer:  # two shards of 20 images, two JVMs
+        assert scorer.processes == 2
+        assert scorer.compute_score(gts, res) == expected
+        overlapped = coco_caption_metrics(results, gt, meteor=scorer)
+        timings = {}
+        sequential = coco_caption_metrics(results, gt, meteor=scorer, overlap=False, timings=timings)
+    assert overlapped["METEOR"] == expected[0]
+    assert sequential == overlapped
+    assert set(timings) == {"coco_tokenize", "bleu", "meteor", "rouge", "cider"}
+    with pytest.raises(RuntimeError, match="closed"):
+        scorer.compute_score(gts, res)
+
+
+@needs_java
+def test_meteor_failure_names_the_command_and_stderr(monkeypatch):
+    monkeypatch.setattr(coco, "METEOR_COMMAND", ("java", "-version"))  # prints to stderr and exits at once
+    gts, res = {1: ["a dog"]}, {1: ["a cat"]}
+    with coco.MeteorScorer(processes=1) as scorer:
+        with pytest.raises(RuntimeError, match=r"METEOR \(java -version\) stopped after 0 of 1 replies.*version"):
+            scorer.compute_score(gts, res)
+    with pytest.raises(ValueError, match="same image ids"):
+        coco.MeteorScorer.compute_score(scorer, {1: ["a"]}, {2: ["b"]})

@@ -38,7 +38,7 @@ def naive_perplexity(lm, caption, max_tokens=None):
     return math.exp(sum(nll) / len(nll))
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 16])
+@pytest.mark.parametrize("batch_size", [1, 4, 16, 64])
 def test_equals_naive_per_caption(lm, captions, expected, batch_size, caplog):
     assert lm.tokenizer.bos_token == "<|endoftext|>"
     with caplog.at_level(logging.WARNING, logger="metrics.perplexity"):

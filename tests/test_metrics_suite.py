@@ -91,7 +91,9 @@ def test_full_suite_equals_its_parts(full_run, dataset, models):
 
     assert json.loads(out.read_text()) == scores
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temp file left behind
-    assert set(timings) == {"coco", "length", "diversity", "clip_images", "retrieval", "clipscore", "ppl"}
+    assert set(timings) == {"coco", "coco_tokenize", "bleu", "rouge", "cider", "length", "diversity", "clip_load",
+                            "clip_images", "clip_texts", "retrieval", "clipscore", "ppl_load", "ppl"} | \
+        ({"meteor"} if coco.java_available() else set())
 
 
 def test_without_java_scores_the_java_free_metrics(full_run, dataset, models, monkeypatch, caplog):
@@ -259,3 +261,89 @@ def test_cuda_matches_cpu(full_run, dataset, models):
     cpu = full_run[0]
     for key in ("R@1", "R@5", "R@10", "CLIPScore", "RefCLIPScore", "PPL"):
         assert scores[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-3), key
+
+
+# ---- time: shared embeddings, overlap, preparation --------------------------------------------------
+# Values computed from other batch shapes differ by float rounding: CLIPScore terms are clipped at 0 and scaled
+# to 0-250 (absolute, as test_full_suite_equals_its_parts), PPL is a mean of exponentials (relative).
+ROUNDED = {"CLIPScore": dict(abs=1e-4), "RefCLIPScore": dict(abs=1e-4), "PPL": dict(rel=1e-6)}
+
+
+def counting(monkeypatch, module, name, log):
+    """Wrap ``module.name`` so that every item it is asked to encode is appended to ``log``."""
+    original = getattr(module, name)
+
+    def wrapper(items, *args, **kwargs):
+        log.extend(items)
+        return original(items, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_each_image_and_text_is_encoded_once(dataset, models, monkeypatch, overlap):
+    import metrics.suite as suite
+
+    root, gt, results = dataset
+    images, texts = [], []
+    counting(monkeypatch, suite, "encode_images", images)
+    counting(monkeypatch, suite, "encode_texts", texts)
+    # generated captions repeat: two images share a caption, so retrieval and CLIPScore need 9 distinct ones
+    results = [dict(r) for r in results]
+    results[1]["caption"] = results[0]["caption"]
+    scores = compute_metrics(results, gt, metrics=["retrieval", "clipscore"], images_root=root / "images",
+                             overlap=overlap, **models)
+    assert sorted(Path(p).name for p in images) == sorted(image["file_name"] for image in gt["images"])
+    assert len(texts) == len(set(texts))  # each distinct text went to CLIP once, shared by both groups
+    captions = [r["caption"] for r in results]
+    prefixed = {f"A photo depicts {c}" for c in captions}
+    references = {f"A photo depicts {a['caption']}" for a in gt["annotations"]}
+    assert set(texts) == set(captions) | prefixed | references
+    expected = compute_metrics(results, gt, metrics=["retrieval"], images_root=root / "images", **models)
+    assert {k: scores[k] for k in METRIC_KEYS["retrieval"]} == {k: expected[k] for k in METRIC_KEYS["retrieval"]}
+
+
+@pytest.mark.slow
+def test_overlapped_equals_sequential(full_run, dataset, models):
+    """The default (overlapped) run of `full_run` against every group computed in turn in this thread."""
+    root, gt, results = dataset
+    timings = {}
+    sequential = compute_metrics(results, gt, images_root=root / "images", overlap=False, timings=timings, **models)
+    overlapped = full_run[0]
+    assert list(sequential) == list(overlapped)
+    exact = [k for k in overlapped if k not in ROUNDED]
+    assert {k: overlapped[k] for k in exact} == {k: sequential[k] for k in exact}  # COCO, counts, R@K: identical
+    for key, tolerance in ROUNDED.items():  # other batch shapes: float rounding only
+        assert overlapped[key] == pytest.approx(sequential[key], **tolerance), key
+    assert "clip_images" in timings and "coco" in timings
+
+
+def test_prepared_session_scores_any_subset_like_compute_metrics(dataset, models, monkeypatch):
+    """Prepared before the captions exist (all GT images), then scoring two result sets: as compute_metrics."""
+    monkeypatch.setattr(coco, "java_available", lambda: False)  # no JVM start: this test is about the session
+    from metrics import prepare_metrics
+
+    root, gt, results = dataset
+    groups = ["coco", "length", "retrieval", "clipscore", "ppl"]
+    with prepare_metrics(gt, groups, images_root=root / "images", **models) as session:
+        full = session.score(results)
+        partial = session.score(results[3:])
+    for got, subset in ((full, results), (partial, results[3:])):
+        expected = compute_metrics(subset, gt, metrics=groups, images_root=root / "images", overlap=False, **models)
+        assert list(got) == list(expected)
+        for key, value in expected.items():
+            assert got[key] == (None if value is None else pytest.approx(value, **ROUNDED.get(key, {}))), key
+    assert partial["num_missing"] == 3 and partial["retrieval_pool"] == 7
+    with pytest.raises(RuntimeError, match="closed"):
+        session.score(results)
+
+
+def test_start_metrics_scores_in_the_background(dataset):
+    from metrics import start_metrics
+
+    _, gt, results = dataset
+    future = start_metrics(results, gt, metrics=["length", "diversity"])
+    assert future.result(timeout=60) == compute_metrics(results, gt, metrics=["length", "diversity"])
+    bad = start_metrics([{"image_id": 404, "caption": "x"}], gt, metrics=["length"])
+    with pytest.raises(ValueError, match="not images of"):
+        bad.result(timeout=60)
