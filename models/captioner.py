@@ -108,6 +108,12 @@ def build_blip_config(arch: BlipArchitecture, image_size: int, tokenizer: BertTo
         layer_norm_eps=arch.vision_layer_norm_eps,
         attention_dropout=0.0,
         hidden_act="gelu",
+        # BLIP's vit.py initialises the ViT's linear layers, position and class embeddings from N(0, 0.02) (its
+        # patch convolution keeps PyTorch's default, std 1/sqrt(3 fan_in): 0.021 for ViT-B/16; here N(0, 0.02)).
+        # transformers' BlipVisionConfig defaults to 1e-10, which starts every vision weight at ~0: harmless when
+        # pre-trained weights are loaded, but a ViT trained from scratch (the toy "pre-trained" model) would not
+        # start where BLIP's does.
+        initializer_range=0.02,
     )
     text = dict(
         vocab_size=len(tokenizer),

@@ -86,6 +86,21 @@ def test_presets_train_step_and_gradient_checkpointing(preset):
     assert captioner.model.vision_model.embeddings.patch_embedding.weight.grad is not None
 
 
+def test_random_vit_is_initialised_as_blips_vit():
+    """BLIP's vit.py draws the ViT's linear weights and its position and class embeddings from N(0, 0.02) and
+    sets LayerNorms to (1, 0). transformers' BlipVisionConfig default (1e-10) left every vision weight of a
+    from-scratch model (the toy pre-training) at ~0; the decoder (BERT, 0.02) was never affected."""
+    torch.manual_seed(0)
+    vision = BlipCaptioner.build("tiny", image_size=32, tokenizer=FIXTURES / "vocab.txt").model.vision_model
+    embeddings, layer = vision.embeddings, vision.encoder.layers[0]
+    for weight in (embeddings.position_embedding, embeddings.class_embedding, embeddings.patch_embedding.weight,
+                   layer.self_attn.qkv.weight, layer.self_attn.projection.weight, layer.mlp.fc1.weight,
+                   layer.mlp.fc2.weight):
+        assert 0.015 < weight.detach().std().item() < 0.025
+    assert torch.equal(layer.layer_norm1.weight.detach(), torch.ones(64))
+    assert torch.equal(layer.layer_norm1.bias.detach(), torch.zeros(64))
+
+
 def test_large_preset_cross_attends_from_1024_wide_image_tokens():
     from models.captioner import ARCHITECTURES, build_blip_config, build_tokenizer
 
