@@ -671,25 +671,54 @@ def markdown_header(lex_div: str = "distinct_1", optional: Sequence[str] = ()) -
     ])
 
 
-def markdown_row(name: str, metrics: dict, lex_div: str = "distinct_1", optional: Sequence[str] = ()) -> str:
+def markdown_row(name: str, metrics: dict, lex_div: str = "distinct_1", optional: Sequence[str] = (),
+                 high: dict | None = None) -> str:
     """One table row: Cap. Len., Lex. Div., R@1, R@5, CLIPScore, PPL, BLEU-4 x100, CIDEr x100, then the
     `optional` columns (e.g. CHAIR_s, CHAIR_i).
 
-    A metric that is missing or None shows as "-".
+    A metric that is missing or None shows as "-". With ``high``, each cell is a range, ``metrics[key]-high[key]``
+    (the spread of a row over seeds: `metrics` holds the minima, `high` the maxima).
     """
     cells = []
     for _, key, scale, fmt in _columns(lex_div, optional):
         value = metrics.get(key)
-        cells.append("-" if value is None else fmt.format(scale * value))
+        if value is None or (high is not None and high.get(key) is None):
+            cells.append("-")
+        elif high is None:
+            cells.append(fmt.format(scale * value))
+        else:
+            cells.append(f"{fmt.format(scale * value)}-{fmt.format(scale * high[key])}")
     return f"| {str(name).replace('|', '/')} | " + " | ".join(cells) + " |"
 
 
-def markdown_table(runs: Sequence[tuple[str, dict]], lex_div: str = "distinct_1") -> str:
+def summarize_seeds(runs: Sequence[dict]) -> tuple[dict, dict, dict]:
+    """(mean, min, max) over ``runs`` (one metrics dict per seed) of every numeric key that all runs have.
+
+    A key some run lacks or holds as None is left out of all three, so it shows as "-" rather than as the
+    mean of the seeds that happen to have it.
+    """
+    keys = [key for key, value in runs[0].items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            and all(isinstance(run.get(key), (int, float)) for run in runs)]
+    mean = {key: sum(run[key] for run in runs) / len(runs) for key in keys}
+    return mean, {key: min(run[key] for run in runs) for key in keys}, {key: max(run[key] for run in runs)
+                                                                         for key in keys}
+
+
+def markdown_table(runs: Sequence[tuple[str, dict]], lex_div: str = "distinct_1",
+                   spreads: Sequence[tuple[str, dict, dict]] = ()) -> str:
     """Header plus one row per ``(name, metrics)`` run, newline-terminated; an `OPTIONAL_COLUMNS` column appears
-    when some run has its metric."""
+    when some run has its metric.
+
+    ``spreads``: ``(name, minima, maxima)`` rows of runs repeated over seeds (`summarize_seeds`); when given, a
+    second table with the same columns follows, each cell the min-max range.
+    """
     optional = [key for _, key, _, _ in OPTIONAL_COLUMNS if any(m.get(key) is not None for _, m in runs)]
-    return "\n".join([markdown_header(lex_div, optional),
-                      *(markdown_row(n, m, lex_div, optional) for n, m in runs)]) + "\n"
+    lines = [markdown_header(lex_div, optional), *(markdown_row(n, m, lex_div, optional) for n, m in runs)]
+    if spreads:
+        lines += ["", "Spread over seeds (min-max):", "", markdown_header(lex_div, optional),
+                  *(markdown_row(n, low, lex_div, optional, high=high) for n, low, high in spreads)]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

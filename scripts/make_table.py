@@ -9,6 +9,13 @@ that under "metrics"). Missing metrics show as "-".
 
     python scripts/make_table.py runs/*/test_metrics.json --plot metrics.png --length-plot lengths.png
 
+A run repeated over seeds is one argument, its files joined by commas:
+
+    python scripts/make_table.py runs/mle/test_metrics.json,runs/mle_seed1/test_metrics.json --names "MLE"
+
+Its row then shows the mean over the seeds, and a second table gives each such row's min-max range; its
+plots use the mean (the chart) and the first seed's captions (the length histogram).
+
 --plot draws the table as a bar chart, one panel per column (metrics.plots.metric_comparison_chart);
 --length-plot puts the runs' caption-length histograms side by side, read from their results files: --results,
 one per metrics file, or by default X_results.json beside each X_metrics.json (test_results.json
@@ -24,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from metrics.plots import caption_length_histogram, metric_comparison_chart, read_captions  # noqa: E402
-from metrics.suite import LEX_DIV_KEYS, markdown_table  # noqa: E402
+from metrics.suite import LEX_DIV_KEYS, markdown_table, summarize_seeds  # noqa: E402
 
 
 def load_run(path: Path) -> dict:
@@ -39,6 +46,18 @@ def load_run(path: Path) -> dict:
     if not isinstance(data, dict):
         raise SystemExit(f"make_table: {path} should hold a metrics dict, got a {type(data).__name__}")
     return data
+
+
+def load_seeds(argument: str) -> tuple[dict, tuple[dict, dict] | None]:
+    """(metrics, None) for one file; (mean, (minima, maxima)) for comma-joined files, one per seed."""
+    paths = [Path(part) for part in argument.split(",") if part]
+    if not paths:
+        raise SystemExit(f"make_table: no metrics file in {argument!r}")
+    runs = [load_run(path) for path in paths]
+    if len(runs) == 1:
+        return runs[0], None
+    mean, low, high = summarize_seeds(runs)
+    return mean, (low, high)
 
 
 def results_files(metrics_paths: list[Path], given: list[Path] | None) -> list[Path]:
@@ -64,7 +83,8 @@ def default_names(paths: list[Path]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("metrics", nargs="+", type=Path, help="metrics JSON files, one per run")
+    parser.add_argument("metrics", nargs="+",
+                        help="metrics JSON files, one per run (a run's seeds: its files joined by commas)")
     parser.add_argument("--names", nargs="+", help="row names, one per file (default: file names)")
     parser.add_argument("--lex-div", default="distinct_1", choices=LEX_DIV_KEYS,
                         help="which lexical-diversity statistic fills the Lex. Div. column")
@@ -81,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--names got {len(args.names)} names for {len(args.metrics)} metrics files")
     if args.results is not None and len(args.results) != len(args.metrics):
         parser.error(f"--results got {len(args.results)} files for {len(args.metrics)} metrics files")
-    names = args.names or default_names(args.metrics)
+    first_files = [Path(argument.split(",")[0]) for argument in args.metrics]
+    names = args.names or default_names(first_files)
     if len(set(names)) != len(names) and (args.plot or args.length_plot):
         parser.error(f"the plots need distinct run names (--names), got {names}")
-    runs = [(n, load_run(p)) for n, p in zip(names, args.metrics)]
-    table = markdown_table(runs, lex_div=args.lex_div)
+    loaded = [load_seeds(argument) for argument in args.metrics]
+    runs = [(n, metrics) for n, (metrics, _) in zip(names, loaded)]
+    spreads = [(n, *spread) for n, (_, spread) in zip(names, loaded) if spread is not None]
+    table = markdown_table(runs, lex_div=args.lex_div, spreads=spreads)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table, encoding="utf-8")
@@ -97,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                                     title=f"Metrics per run: {args.title}" if args.title else None)
             print(f"wrote {args.plot}", file=sys.stderr)
         if args.length_plot:
-            paths = results_files(args.metrics, args.results)
+            paths = results_files(first_files, args.results)
             caption_length_histogram({n: read_captions(p) for n, p in zip(names, paths)}, args.length_plot,
                                      title=f"Caption length: {args.title}" if args.title else "Caption length")
             print(f"wrote {args.length_plot}", file=sys.stderr)

@@ -161,6 +161,29 @@ def test_make_table_writes_the_table_then_the_plots(tmp_path, capsys):
         make_table.main([str(nothing), "--plot", str(tmp_path / "x.png")])
 
 
+def test_make_table_averages_a_run_over_seeds_and_gives_its_range(tmp_path):
+    """A comma-joined argument is one run over several seeds: its row is the mean, and a second table gives the
+    min-max range; a metric one seed lacks is '-' rather than the mean of the others."""
+    seeds = []
+    for seed, (cider, grounding) in enumerate([(4.0, 85.0), (5.0, 90.0), (6.0, 98.0)]):
+        path = tmp_path / f"seed{seed}" / "test_metrics.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"cap_len": 3.0, "CIDEr": cider, "ground_colour_shape": grounding,
+                                    "R@1": None if seed == 1 else 20.0}))
+        seeds.append(str(path))
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps({"cap_len": 11.0, "CIDEr": 2.5, "ground_colour_shape": 90.0, "R@1": 60.0}))
+    out = tmp_path / "table.md"
+    assert make_table.main([",".join(seeds), str(single), "--names", "MLE (3 seeds)", "SMILE", "--out", str(out)]) == 0
+    text = out.read_text()
+    mean_row = next(line for line in text.splitlines() if line.startswith("| MLE (3 seeds) | 3.0 |"))
+    assert "| 500.0 |" in mean_row and "| 91.0 |" in mean_row  # CIDEr x100, grounding: means of the three seeds
+    assert mean_row.split(" | ")[3] == "-"  # R@1 is missing for one seed
+    tables = text.split("Spread over seeds (min-max):")
+    assert len(tables) == 2 and "SMILE" not in tables[1]
+    assert "| MLE (3 seeds) | 3.0-3.0 |" in tables[1] and "| 400.0-600.0 |" in tables[1] and "| 85.0-98.0 |" in tables[1]
+
+
 @pytest.fixture()
 def results_and_gt(tmp_path):
     gt = {"images": [{"id": i} for i in range(4)],
