@@ -1,7 +1,7 @@
 """The README quickstart end to end, from a clean cache: as written, and with OMP_NUM_THREADS=1 (the baseline).
 
     python benchmarks/bench_quickstart.py --load 2                 # the full quickstart on a loaded machine
-    python benchmarks/bench_quickstart.py --quick --load 2         # a few minutes: 1 epoch each, toy CLIP 3
+    python benchmarks/bench_quickstart.py --quick --load 2         # 1 epoch each: ~9 min a leg at load 10-13, 2 CPUs
 
 Each leg copies the checkout's files (tracked and untracked, not ignored: the working tree as it is, without
 cache/ or runs/) into its own temporary folder and runs ``bash scripts/train.sh configs/toy/smile.yaml`` there,
