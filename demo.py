@@ -27,9 +27,12 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import hub
+import utils
 from imaging import open_rgb
 from metrics.text_stats import caption_lengths
-from models import Captioner
+from models import Captioner, CheckpointError
+from models.checkpoint import CHECKPOINT_SUFFIXES, looks_like_hub_id
 from models.inference import DEFAULT_GENERATION
 
 BEAM_SEARCH = "beam search"
@@ -168,7 +171,7 @@ def caption_with_all(captioners: dict[str, Captioner], image: Image.Image,
 def default_name(source: str) -> str:
     """A column label from a checkpoint: the run folder of a checkpoint file, else the last path part."""
     path = Path(source)
-    if path.is_file():
+    if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES:  # a missing one too: main then says it is missing
         return path.parent.name or path.stem
     return path.name or str(source)
 
@@ -313,8 +316,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+REPO = Path(__file__).resolve().parent
+# What the entry point prints as one line with exit status 2 (utils.run_cli): a checkpoint that is missing or
+# unreadable, a hub id this machine cannot fetch.
+USER_ERRORS = (CheckpointError, hub.HubError, utils.ConfigError)
+
+
+def training_command(checkpoint: Path) -> str | None:
+    """``bash scripts/train.sh <config>`` for the config under configs/ whose ``output_dir`` is ``checkpoint``'s
+    folder (e.g. configs/toy/mle.yaml for runs/toy/mle/checkpoint_best.safetensors), or None."""
+    folder = checkpoint.expanduser().absolute().parent
+    for config in sorted((REPO / "configs").rglob("*.yaml")):
+        try:
+            output_dir = utils.load_yaml_with_bases(config).get("output_dir")
+        except utils.ConfigError:
+            continue
+        if output_dir and folder in {Path(output_dir).absolute(), (REPO / output_dir).absolute()}:
+            return f"bash scripts/train.sh {config.relative_to(REPO)}"
+    return None
+
+
+def check_checkpoint(source: str) -> None:
+    """A ``--checkpoint`` that names a local file must exist, before any model is loaded: the error names the
+    file and, when a config under configs/ writes it, the command that creates it."""
+    path = Path(source).expanduser()
+    if path.exists() or hub.is_url(source) or looks_like_hub_id(source):
+        return
+    command = training_command(path)
+    how = f"train it first: {command}" if command else "train it first (bash scripts/train.sh CONFIG)"
+    raise CheckpointError(f"--checkpoint {source}: no such file ({path.absolute()}); {how}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    for source in args.checkpoint:  # before any model is loaded
+        check_checkpoint(source)
     captioners = {name: Captioner.from_pretrained(source, device=args.device)
                   for name, source in zip(args.name, args.checkpoint)}
     demo = build_demo(captioners, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
@@ -324,4 +360,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(utils.run_cli(main, USER_ERRORS))

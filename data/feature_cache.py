@@ -207,7 +207,7 @@ def build_feature_cache(path: str | Path, image_root: str | Path, paths: list[st
             handle.close()
             os.unlink(handle.name)
             raise
-    os.replace(handle.name, path)
+    utils.publish_file(handle.name, path)  # the umask's permissions, not the temp file's 0600
     return path
 
 

@@ -20,6 +20,7 @@ similar length together, and runs in fp32.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+import hub  # a hub id without network: one line at once (hub.HubError), not minutes of retries
 
 from ._common import batch_slices, load_from_source, pad_right, resolve_device
 
@@ -62,8 +65,10 @@ def load_language_model(model_id_or_dir: str | Path | LMBundle, device: str | to
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(model_id_or_dir)
+    what = "the perplexity language model (eval.ppl_model / --ppl-model)"
+    loaders = {"model": AutoModelForCausalLM.from_pretrained, "tokenizer": AutoTokenizer.from_pretrained}
     loaded = load_from_source(
-        {"model": AutoModelForCausalLM.from_pretrained, "tokenizer": AutoTokenizer.from_pretrained},
+        {name: functools.partial(hub.from_pretrained, loader, what=what) for name, loader in loaders.items()},
         source, "the perplexity language model", "a saved causal LM and its tokenizer",
     )
     model, tokenizer = loaded["model"], loaded["tokenizer"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
+import hub
 from imaging import eval_transform
 
 from .attention import attention_of, set_attention
@@ -78,19 +79,23 @@ def resolve_architecture(arch: str | BlipArchitecture | dict) -> BlipArchitectur
     return dataclasses.replace(base, **fields) if base else BlipArchitecture(**fields)
 
 
-def build_tokenizer(source: str | Path = DEFAULT_TOKENIZER) -> BertTokenizer:
+def build_tokenizer(source: str | Path = DEFAULT_TOKENIZER, what: str = "model.tokenizer") -> BertTokenizer:
     """BERT WordPiece tokenizer with BLIP's extra tokens: ``[DEC]`` as bos and ``[ENC]`` as an additional special.
 
     Args:
         source: a hub id (``bert-base-uncased``), a tokenizer directory, or a path to a ``vocab.txt`` file
             (its folder is loaded). BERT-base ends with 30524 ids, as BLIP's checkpoints expect.
+        what: the config key ``source`` came from, named in the error when it cannot be loaded (hub.py: a hub id
+            on a machine without network fails at once, in one line).
     """
-    path = Path(source)
+    if source is None:  # the configs' null means "the toy set's vocab", which engine fills in only for data.toy
+        raise ValueError(f"{what} is null: give a hub id (bert-base-uncased), a tokenizer directory or a vocab.txt")
+    path = Path(source).expanduser()
     if path.is_file():
         if path.name != "vocab.txt":
             raise ValueError(f"tokenizer file must be named vocab.txt (one WordPiece token per line): {path}")
         path = path.parent
-    tokenizer = BertTokenizer.from_pretrained(str(path) if path.exists() else str(source))
+    tokenizer = hub.from_pretrained(BertTokenizer.from_pretrained, path if path.exists() else source, what)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tokenizer

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import hub
 from utils import publish_file
 
 logger = logging.getLogger(__name__)
@@ -179,16 +180,24 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, sha256: str | None = None) -> Path:
+def download_path(url: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """Where `download` keeps ``url``: its file name in ``cache_dir``."""
+    return Path(cache_dir) / Path(urllib.parse.urlparse(url).path).name
+
+
+def download(url: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, sha256: str | None = None,
+             what: str = "model.pretrained") -> Path:
     """Download ``url`` once into ``cache_dir`` and return the cached path.
 
     Atomic: the file is downloaded under a ``.part`` name and renamed, so an interrupted download is never
     mistaken for the file. When a sha256 is given (or known in ``KNOWN_SHA256`` by file name), the download is
-    verified before it is kept, and a cached copy is re-verified.
+    verified before it is kept, and a cached copy is re-verified. A URL not yet cached, on a machine that cannot
+    reach its host (or with HF_HUB_OFFLINE set), is a one-line ``hub.HubUnavailableError`` naming ``what``.
     """
     name = Path(urllib.parse.urlparse(url).path).name
     expected = sha256 or KNOWN_SHA256.get(name)
-    destination = Path(cache_dir) / name
+    destination = download_path(url, cache_dir)
+    hub.require_url(url, what, cached=destination.exists())
     if not destination.exists():
         destination.parent.mkdir(parents=True, exist_ok=True)
         logger.info("downloading %s to %s", url, destination)
@@ -198,7 +207,7 @@ def download(url: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, sha256: str | 
             actual = file_sha256(partial)
             partial.unlink()
             raise CheckpointError(f"{url}: sha256 {actual} does not match the expected {expected}; not kept")
-        partial.replace(destination)
+        publish_file(partial, destination)  # torch.hub's temp file is 0600
     elif expected and file_sha256(destination) != expected:
         raise CheckpointError(f"cached {destination} has sha256 {file_sha256(destination)}, expected {expected}; "
                               "delete it to download again")
@@ -277,11 +286,13 @@ def is_own_checkpoint(path: Path) -> bool:
 
 
 def read_state_dict(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-                    sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Weights named as ``BlipForConditionalGeneration`` expects, from any supported source (see module doc)."""
+                    sha256: str | None = None, what: str = "model.pretrained") -> dict[str, torch.Tensor]:
+    """Weights named as ``BlipForConditionalGeneration`` expects, from any supported source (see module doc).
+
+    ``what`` (the config key or flag ``source`` came from) is named when a hub id or URL cannot be fetched."""
     source = str(source)
     if source.startswith(("http://", "https://")):
-        source = str(download(source, cache_dir, sha256=sha256))
+        source = str(download(source, cache_dir, sha256=sha256, what=what))
     path = Path(source)
     if path.is_file():
         if path.suffix == ".safetensors":
@@ -308,7 +319,7 @@ def read_state_dict(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DI
                               f"({path.absolute()}), and not a hub id (owner/name) or URL")
     from transformers import BlipForConditionalGeneration
 
-    return BlipForConditionalGeneration.from_pretrained(source).state_dict()
+    return hub.from_pretrained(BlipForConditionalGeneration.from_pretrained, source, what).state_dict()
 
 
 # File suffixes of checkpoints: a missing "runs/x_best.safetensors" is a missing local file, not a hub repository.

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import hub
 from imaging import open_rgb, to_rgb
 
 from .attention import set_attention
@@ -215,13 +216,13 @@ def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple
 def _from_transformers(source: str, tokenizer, prompt, attention) -> BlipCaptioner:
     from transformers import BlipForConditionalGeneration
 
-    model = BlipForConditionalGeneration.from_pretrained(source)
+    model = hub.from_pretrained(BlipForConditionalGeneration.from_pretrained, source, "checkpoint")
     set_attention(model, attention)
     extras_file = Path(source) / "smile_blip.json"
     extras = json.loads(extras_file.read_text()) if extras_file.is_file() else {}
     return BlipCaptioner(
         model,
-        build_tokenizer(tokenizer or source),
+        build_tokenizer(tokenizer or source, what="tokenizer" if tokenizer else "checkpoint"),
         prompt=extras.get("prompt", DEFAULT_PROMPT) if prompt is None else prompt,
         max_text_length=extras.get("max_text_length", 40),
     )

@@ -43,6 +43,7 @@ from transformers import (
     GPT2TokenizerFast,
 )
 
+import hub
 from imaging import CLIP_MEAN, CLIP_STD
 
 from .checkpoint import CheckpointError
@@ -230,11 +231,12 @@ class PrefixCaptioner(nn.Module):
             prefix: a ``PrefixConfig`` or a dict of its fields; ``prefix_size`` comes from the tower.
             options: ``max_text_length``, ``append_eos``, ``stop_token``, ``original_generation``, ``text_padding``.
         """
+        tokenizer_key = "model.prefix.tokenizer"
         if tokenizer is None:
             if isinstance(gpt2, dict):
                 raise ValueError("a random GPT-2 (gpt2 given as a config dict) needs tokenizer= (a directory)")
-            tokenizer = gpt2
-        tokenizer = load_gpt2_tokenizer(tokenizer)
+            tokenizer, tokenizer_key = gpt2, "model.prefix.gpt2"
+        tokenizer = load_gpt2_tokenizer(tokenizer, tokenizer_key)
         if isinstance(gpt2, dict):  # GPT2Config's default ids (50256) are the real GPT-2's, not the toy vocabulary's
             gpt2 = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id, **gpt2}
         gpt = _build_gpt2(gpt2)
@@ -831,38 +833,43 @@ def clipcap_original_loss(logits: torch.Tensor, tokens: torch.Tensor, prefix_len
 # -------------------------------------------------------------------------------------------------- loading
 
 
-def load_gpt2_tokenizer(source: str | Path):
+# Hub ids and folders load through hub.from_pretrained: ``what`` is the config key named when a hub id cannot be
+# fetched on this machine (one line at once instead of minutes of retries).
+
+
+def load_gpt2_tokenizer(source: str | Path, what: str = "model.prefix.tokenizer"):
     """The tokenizer saved with a GPT-2: whatever class its files name (GPT-2's BPE, or e.g. the toy GPT-2's
     word-level ``tokenizer.json``), or GPT-2's BPE from a bare ``vocab.json`` + ``merges.txt`` folder."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        return hub.from_pretrained(AutoTokenizer.from_pretrained, source, what)
     except (OSError, ValueError, KeyError):
-        return GPT2TokenizerFast.from_pretrained(str(source))
+        return hub.from_pretrained(GPT2TokenizerFast.from_pretrained, source, what)
 
 
-def _build_gpt2(source: str | Path | dict) -> GPT2LMHeadModel:
+def _build_gpt2(source: str | Path | dict, what: str = "model.prefix.gpt2") -> GPT2LMHeadModel:
     if isinstance(source, dict):
         return GPT2LMHeadModel(GPT2Config(**source))
-    return GPT2LMHeadModel.from_pretrained(str(source))
+    return hub.from_pretrained(GPT2LMHeadModel.from_pretrained, source, what)
 
 
-def _build_vision(source: str | Path | dict | None) -> CLIPVisionModelWithProjection | None:
+def _build_vision(source: str | Path | dict | None,
+                  what: str = "model.prefix.clip") -> CLIPVisionModelWithProjection | None:
     if source is None:
         return None
     if isinstance(source, dict):
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**source))
     from transformers import AutoConfig, CLIPConfig
 
-    config = AutoConfig.from_pretrained(str(source))
+    config = hub.from_pretrained(AutoConfig.from_pretrained, source, what)
     if isinstance(config, CLIPConfig):
         # A full CLIPModel directory: the projection width is the model's, which the vision sub-config does not
         # carry (its own default is 512, right for ViT-B/32 only).
         vision_config = config.vision_config
         vision_config.projection_dim = config.projection_dim
-        return CLIPVisionModelWithProjection.from_pretrained(str(source), config=vision_config)
-    return CLIPVisionModelWithProjection.from_pretrained(str(source))
+        return hub.from_pretrained(CLIPVisionModelWithProjection.from_pretrained, source, what, config=vision_config)
+    return hub.from_pretrained(CLIPVisionModelWithProjection.from_pretrained, source, what)
 
 
 def _resolve_prefix_config(prefix: PrefixConfig | dict | None, vision) -> PrefixConfig:
@@ -940,7 +947,7 @@ def load_clipcap_checkpoint(
         raise CheckpointError(f"cannot read {path} as plain tensors (weights_only=True): {error}") from error
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise CheckpointError(f"{path}: expected a plain state dict of tensors (ClipCap's torch.save(state_dict))")
-    gpt_config = GPT2Config.from_pretrained(str(gpt2))
+    gpt_config = hub.from_pretrained(GPT2Config.from_pretrained, gpt2, "gpt2")
     if mapping_type == "transformer" and clip_length is None:
         linear = state_dict.get("clip_project.linear.weight")
         if linear is None:
@@ -951,7 +958,7 @@ def load_clipcap_checkpoint(
                           prefix_size=prefix_size,
                           normalize_prefix=(mapping_type == "transformer") if normalize_prefix is None
                           else normalize_prefix)
-    vision = _build_vision(clip)
+    vision = _build_vision(clip, "clip")
     if vision is not None and vision.config.projection_dim != prefix_size:
         raise ValueError(f"the CLIP tower projects to {vision.config.projection_dim}, the checkpoint's "
                          f"prefix_size is {prefix_size}")
@@ -960,4 +967,4 @@ def load_clipcap_checkpoint(
               f"{clip_length}, num_layers={num_layers}, prefix_size={prefix_size}, GPT-2 {gpt2})")
     apply_prefix_state_dict(model, state_dict, source, required=("gpt.", "clip_project."))
     options.setdefault("append_eos", False)
-    return PrefixCaptioner(model, load_gpt2_tokenizer(gpt2), **options)
+    return PrefixCaptioner(model, load_gpt2_tokenizer(gpt2, "gpt2"), **options)

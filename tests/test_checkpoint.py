@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import hub
 from models import BlipCaptioner, CheckpointError, convert_original_state_dict, load_pretrained
 from models.captioner import ARCHITECTURES, build_blip_config, build_tokenizer
 from models.checkpoint import interpolate_position_embedding, read_state_dict
@@ -153,6 +154,7 @@ def test_url_is_downloaded_once_into_cache(tmp_path, monkeypatch, blip_fixture):
             dst.write(src.read())
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(hub, "require_url", lambda *args, **kwargs: None)  # no network check: nothing is fetched
     url = "https://example.invalid/BLIP/models/model_base_caption_capfilt_large.pth"
     for _ in range(2):
         load_pretrained(_fresh(), url, cache_dir=tmp_path / "cache")
@@ -175,6 +177,7 @@ def test_download_with_wrong_checksum_is_rejected_and_not_kept(tmp_path, monkeyp
             dst.write(src.read())
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(hub, "require_url", lambda *args, **kwargs: None)  # no network check: nothing is fetched
     url = "https://example.invalid/model_caption.pth"
     with pytest.raises(CheckpointError, match="does not match the expected"):
         load_pretrained(_fresh(), url, cache_dir=tmp_path / "cache", sha256="0" * 64)

@@ -38,6 +38,18 @@ def _needs(config: dict) -> dict[str, set]:
     return needs
 
 
+def built_on_first_use(config: dict, source: str | Path) -> bool:
+    """Whether `ensure_for_config` builds (or checks) the folder ``source`` for this config: ``data.toy`` is set
+    and the folder sits beside ``data.toy_root`` and is missing or holds a build of ours (a ``manifest.json``).
+    Early checks (engine.check_inputs) leave such a folder alone: it need not exist yet, and is no hub id."""
+    if not config["data"]["toy"] or isinstance(source, dict):
+        return False
+    folder = Path(source).absolute()
+    if folder.parent != Path(config["data"]["toy_root"]).absolute().parent:
+        return False
+    return not folder.exists() or (folder / "manifest.json").is_file()
+
+
 def ensure_for_config(config: dict) -> list[Path]:
     """Build the toy CLIP / GPT-2 a toy run needs; returns the folders built or checked.
 
@@ -54,12 +66,10 @@ def ensure_for_config(config: dict) -> list[Path]:
     for kind, sources in _needs(config).items():
         ensure = ensure_toy_clip if kind == "clip" else ensure_toy_gpt2
         for source in sorted(sources):
-            folder = Path(source).absolute()
-            if folder.parent != toy_root.parent:
-                continue
-            if not folder.exists() or (folder / "manifest.json").is_file():
-                built.append(ensure(folder, toy_root))
+            if built_on_first_use(config, source):
+                built.append(ensure(Path(source).absolute(), toy_root))
     return built
 
 
-__all__ = ["ToyClipRecipe", "ToyGpt2Recipe", "ensure_for_config", "ensure_toy_clip", "ensure_toy_gpt2"]
+__all__ = ["ToyClipRecipe", "ToyGpt2Recipe", "built_on_first_use", "ensure_for_config", "ensure_toy_clip",
+           "ensure_toy_gpt2"]
