@@ -102,14 +102,20 @@ def resolve_data_paths(config: dict) -> dict:
 
 
 def ensure_pretrained(config: dict) -> None:
-    """Run ``model.pretrained_recipe`` when ``model.pretrained`` names a local file that does not exist yet."""
+    """Run ``model.pretrained_recipe`` when ``model.pretrained`` names a local file that does not exist yet.
+
+    The recipe trains into ``model.pretrained``'s folder with this run's seed, so that runs over several seeds
+    (scripts/reproduce.sh SEEDS) each start from their own pre-trained model, e.g. ``seed=1
+    model.pretrained=cache/toy_pretrain_seed1/checkpoint_best.safetensors``.
+    """
     model_config = config["model"]
     source, recipe = model_config["pretrained"], model_config["pretrained_recipe"]
     if not source or not recipe or str(source).startswith(("http://", "https://")) or Path(source).exists():
         return
-    logger.info("%s does not exist: training %s first to create it", source, recipe)
+    logger.info("%s does not exist: training %s first to create it (seed %d)", source, recipe, config["seed"])
     # resume: auto, so a recipe run that was interrupted continues instead of refusing its own folder.
-    run_training(resolve_data_paths(load_config(recipe, ["resume=auto"])))
+    run_training(resolve_data_paths(load_config(recipe, ["resume=auto", f"seed={config['seed']}",
+                                                         f"output_dir={Path(source).parent}"])))
     if not Path(source).exists():
         raise FileNotFoundError(f"model.pretrained_recipe {recipe} ran but did not create {source}")
 

@@ -15,6 +15,15 @@
 #              prefix_smile prefix_smile_from_mle prefix_transformer_mle prefix_transformer_smile; toy: mle smile
 #              mle_smile, the SCST rows, prefix_mle prefix_smile prefix_smile_from_mle). The table lists the rows of ROWS.
 #   RUNS_DIR   put row R's output in RUNS_DIR/R (default: the config's output_dir)
+#   SEEDS      seeds to repeat the SEED_ROWS over (default toy: 42 1 2; coco/flickr30k: none, each row runs once
+#              with its config's seed). The first seed runs in the row's own output folder, each other seed S in
+#              <output>_seed<S>; on the toy set every seed also pre-trains its own toy BLIP (a seed that reused
+#              one pre-trained model would hide what pre-training varies), seed 42 in TOY_PRETRAIN and seed S in
+#              TOY_PRETRAIN_seed<S>. The table shows those rows' mean over the seeds and a second table their
+#              min-max range; the other rows are single-seed and say so.
+#   SEED_ROWS  rows repeated over SEEDS (default toy: mle smile mle_smile; others: every row)
+#   TOY_PRETRAIN  the toy pre-trained model's folder (default cache/toy_pretrain, the fine-tuning configs'
+#              model.pretrained); another folder keeps a study apart, e.g. one run with OMP_NUM_THREADS=1
 #   METRICS    eval.metrics for the test split (default coco/flickr30k: the paper's metrics,
 #              coco,length,diversity,retrieval,clipscore,ppl, plus chair on coco, which need CLIP and GPT-2 weights (eval.clip_model,
 #              eval.ppl_model); toy: the config's, every one of those plus toy_grounding, with the toy CLIP
@@ -55,6 +64,14 @@ case "$DATASET" in
   *) echo "reproduce.sh: unknown dataset '$DATASET'" >&2; usage ;;
 esac
 ROWS=${ROWS:-$ALL_ROWS}
+if [[ "$DATASET" == toy ]]; then
+  SEEDS=${SEEDS-42 1 2}
+  SEED_ROWS=${SEED_ROWS:-mle smile mle_smile}
+else
+  SEEDS=${SEEDS:-}
+  SEED_ROWS=${SEED_ROWS:-$ROWS}
+fi
+read -r -a SEED_LIST <<< "$SEEDS"
 METRICS=${METRICS-$DEFAULT_METRICS}
 RESULTS=${RESULTS:-results/$DATASET.md}
 
@@ -135,27 +152,67 @@ if [[ " $ROWS " == *" scst_clips_grammar "* ]]; then
   fi
 fi
 
-declare -A SECONDS_TAKEN
-for row in $ROWS; do
-  out=${OUTDIR[$row]}
+is_seed_row() { [[ ${#SEED_LIST[@]} -gt 0 && " $SEED_ROWS " == *" $1 "* ]]; }
+
+# run_row ROW OUT [KEY=VALUE ...]: train ROW into OUT (unless SKIP_DONE=1 finds it done); sets TAKEN.
+run_row() {
+  local row=$1 out=$2
+  shift 2
   if [[ "${SKIP_DONE:-0}" == 1 && -f "$out/test_metrics.json" ]]; then
     echo "== $row: $out/test_metrics.json exists, skipped (SKIP_DONE=1)"
-    SECONDS_TAKEN[$row]="-"
-    continue
+    TAKEN="-"
+    return
   fi
-  extra=()
-  [[ -n "${RUNS_DIR:-}" ]] && extra=("output_dir=$RUNS_DIR/$row")
-  echo "== $row: bash scripts/train.sh configs/$DATASET/$row.yaml ${OVERRIDES[*]} ${extra[*]}"
+  echo "== $row: bash scripts/train.sh configs/$DATASET/$row.yaml ${OVERRIDES[*]} $*"
+  local start
   start=$(date +%s)
-  bash scripts/train.sh "configs/$DATASET/$row.yaml" "${OVERRIDES[@]}" "${extra[@]}"
-  SECONDS_TAKEN[$row]=$(( $(date +%s) - start ))
+  bash scripts/train.sh "configs/$DATASET/$row.yaml" "${OVERRIDES[@]}" "$@"
+  TAKEN=$(( $(date +%s) - start ))
   [[ -f "$out/test_metrics.json" ]] || {
     echo "reproduce.sh: $row finished without $out/test_metrics.json (is train.test_after_training off?)" >&2
     exit 1; }
+}
+
+declare -A SECONDS_TAKEN RUN_FILES
+for row in $ROWS; do
+  base_out=${OUTDIR[$row]}
+  if ! is_seed_row "$row"; then
+    extra=()
+    [[ -n "${RUNS_DIR:-}" ]] && extra=("output_dir=$RUNS_DIR/$row")
+    run_row "$row" "$base_out" "${extra[@]}"
+    SECONDS_TAKEN[$row]=$TAKEN
+    RUN_FILES[$row]="$base_out/test_metrics.json"
+    continue
+  fi
+  taken=(); row_files=()
+  for index in "${!SEED_LIST[@]}"; do
+    seed=${SEED_LIST[$index]}
+    out=$base_out
+    [[ $index -gt 0 ]] && out="${base_out}_seed$seed"
+    extra=("seed=$seed" "output_dir=$out")
+    if [[ "$DATASET" == toy ]]; then
+      pretrain=${TOY_PRETRAIN:-cache/toy_pretrain}
+      [[ "$seed" != 42 ]] && pretrain="${pretrain}_seed$seed"
+      extra+=("model.pretrained=$pretrain/checkpoint_best.safetensors")
+    fi
+    run_row "$row" "$out" "${extra[@]}"
+    taken+=("$TAKEN"); row_files+=("$out/test_metrics.json")
+  done
+  SECONDS_TAKEN[$row]=$(IFS=/; echo "${taken[*]}")
+  RUN_FILES[$row]=$(IFS=,; echo "${row_files[*]}")
 done
 
 files=(); names=()
-for row in $ROWS; do files+=("${OUTDIR[$row]}/test_metrics.json"); names+=("${NAMES[$row]}"); done
+for row in $ROWS; do
+  files+=("${RUN_FILES[$row]}")
+  if is_seed_row "$row"; then
+    names+=("${NAMES[$row]}, mean of seeds $(IFS=,; echo "${SEED_LIST[*]}")")
+  elif [[ ${#SEED_LIST[@]} -gt 0 ]]; then
+    names+=("${NAMES[$row]} (one seed)")
+  else
+    names+=("${NAMES[$row]}")
+  fi
+done
 table=$("$PYTHON" scripts/make_table.py "${files[@]}" --names "${names[@]}" --lex-div "${LEX_DIV:-distinct_1}")
 
 mkdir -p "$(dirname "$RESULTS")"
@@ -169,22 +226,30 @@ mkdir -p "$(dirname "$RESULTS")"
   echo "Written by \`bash scripts/reproduce.sh $DATASET${COMMAND_ARGS:+ $COMMAND_ARGS}\` on $(date -u '+%Y-%m-%d %H:%M UTC')," \
        "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')."
   echo "Each row: train with the row's config, keep the best epoch by validation CIDEr + BLEU-4, score it on test."
+  if [[ ${#SEED_LIST[@]} -gt 0 ]]; then
+    echo "Rows named \"mean of seeds\" ran once per seed ($SEEDS; SEEDS=...), each seed from its own pre-trained model" \
+         "on the toy set; the second table gives their min-max range. Rows marked \"(one seed)\" ran once, with the" \
+         "config's seed."
+  fi
   echo "BLEU-4 and CIDEr are x100; \"-\" marks a metric that was not computed. Test images scored per row:" \
-       "$("$PYTHON" -c 'import json, sys; print(", ".join(str(json.load(open(f)).get("num_images", "?")) for f in sys.argv[1:]))' "${files[@]}")."
+       "$("$PYTHON" -c 'import json, sys; print(", ".join(str(json.load(open(f)).get("num_images", "?")) for f in ",".join(sys.argv[1:]).split(",")))' "${files[@]}")."
   echo
   echo "$table"
   echo
   echo "| Row | Config | Output | Wall time (s) |"
   echo "| --- | --- | --- | ---: |"
   for row in $ROWS; do
-    echo "| ${NAMES[$row]} | configs/$DATASET/$row.yaml | ${OUTDIR[$row]} | ${SECONDS_TAKEN[$row]} |"
+    output=${OUTDIR[$row]}
+    is_seed_row "$row" && [[ ${#SEED_LIST[@]} -gt 1 ]] && output="$output, ${output}_seed{$(IFS=,; echo "${SEED_LIST[*]:1}")}"
+    echo "| ${NAMES[$row]} | configs/$DATASET/$row.yaml | $output | ${SECONDS_TAKEN[$row]} |"
   done
   echo
   echo "Wall time: training, per-epoch validation and test, on $(getconf _NPROCESSORS_ONLN) CPU core(s) and" \
        "$("$PYTHON" -c 'import torch; n = torch.cuda.device_count(); print(f"{n} x {torch.cuda.get_device_name(0)}" if n else "no GPU")')" \
        "(NPROC=${NPROC:-all visible GPUs, or 1 without CUDA}); \"-\" means the row was reused (SKIP_DONE=1)."
   if [[ "$DATASET" == toy ]]; then
-    echo "The first toy row's time includes training the toy pre-trained model, CLIP and GPT-2 when cache/ held none."
+    echo "A seed's first toy row includes pre-training that seed's toy BLIP, and the first row also training the toy" \
+         "CLIP and GPT-2, when cache/ held none. A row's seeds' times are separated by /."
   fi
   if [[ "$DATASET" == coco ]]; then
     cat <<'EOF'
@@ -208,7 +273,7 @@ cat "$RESULTS"
 
 # The plots come after the table, so one that fails (e.g. no matplotlib) costs nothing already written.
 results_files=()
-for row in $ROWS; do results_files+=("${OUTDIR[$row]}/test_results.json"); done
+for row in $ROWS; do results_files+=("${OUTDIR[$row]}/test_results.json"); done  # a seed row: its first seed
 PLOTS=${RESULTS%.md}
 case "$DATASET" in
   coco) title="MSCOCO Karpathy test split" ;; flickr30k) title="Flickr30K Karpathy test split" ;;
