@@ -597,7 +597,14 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
                    "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps}
         if config["train"]["test_after_training"] and config["data"]["test_file"]:
             checkpointing.load_weights(output_dir / checkpointing.BEST, captioner.model)
-            summary["test"] = evaluate_split(captioner, config, "test", device, output_dir, "test")
+            try:
+                summary["test"] = evaluate_split(captioner, config, "test", device, output_dir, "test")
+            except Exception:
+                # checkpoint_latest already says the training is done: the same command only scores the test split.
+                logger.error("training finished and its checkpoints are in %s, but scoring the test split failed; "
+                             "running the same command again (resume: auto, or --resume) scores it without "
+                             "training", output_dir)
+                raise
             log.log(kind="test", step=progress.global_step, **summary["test"])
     if utils.is_main():
         utils.write_json(output_dir / "summary.json", summary)

@@ -20,6 +20,7 @@ Embeddings are computed in fp32, in batches, on `device` (CUDA when available).
 """
 from __future__ import annotations
 
+import concurrent.futures.thread
 import logging
 import os
 from collections.abc import Sequence
@@ -114,6 +115,28 @@ class _Preprocess:
         return self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
 
 
+def _forget_inherited_executor_threads(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` of `encode_images`: a forked worker drops the thread-pool threads it inherited
+    the bookkeeping of, but not the threads themselves.
+
+    Why (issue 20): fork copies concurrent.futures' registry of ThreadPoolExecutor threads into the worker, none of
+    the threads. When the worker exits, ``threading._shutdown`` runs concurrent.futures' exit hook, which joins every
+    registered thread; a worker forked *from* one of them (`MetricSession` encodes images in its pool) finds its
+    own thread there, the join raises "cannot join current thread" after all the work is done, and multiprocessing
+    ends the worker with exit status 1, printing nothing. The loader never looks at that status, but torch's
+    SIGCHLD handler does: once any loader with workers has run in the main thread (the toy CLIP's build, a
+    training loader), every SIGCHLD makes it check the live loaders' workers, and one that exited with 1 becomes
+    ``RuntimeError: DataLoader worker (pid N) exited unexpectedly with exit code 1`` raised in the main thread,
+    wherever it is (generating captions), whenever the check falls between a worker's exit and its loader's
+    shutdown. CPython clears the registry in forked children itself since its fix of gh-88110 (merged November
+    2024); Python 3.11 does not. Clearing it twice is harmless.
+    """
+    del worker_id
+    registry = getattr(concurrent.futures.thread, "_threads_queues", None)
+    if registry is not None:
+        registry.clear()
+
+
 def check_image_files(paths: Sequence[ImageInput], what: str = "image files") -> None:
     """Raise FileNotFoundError naming the missing files (count and the first ten); PIL images pass."""
     missing = [str(p) for p in paths if not isinstance(p, Image.Image) and not os.path.isfile(p)]
@@ -138,6 +161,10 @@ def encode_images(
         num_workers: DataLoader workers decoding and preprocessing images; None -> min(8, usable cores) for
             files (decoding a COCO JPEG and resizing it takes ~7 ms of one core, so 5,000 images are ~35
             core-seconds), 0 for in-memory PIL images or a single batch (no worker start-up to amortise).
+            Workers are forked, also from a background thread (`MetricSession`'s): see
+            `_forget_inherited_executor_threads` for what that needs. Forkserver or spawn workers would not, but
+            each imports the caller's main module and transformers afresh: 20-30 s per loader on a 2-core CPU
+            against ~2 s forked, most of the overlap `MetricSession` exists for.
 
     Returns:
         ``(N, D)`` fp32 tensor on the CPU, rows of unit norm, in input order.
@@ -150,6 +177,7 @@ def encode_images(
     loader = torch.utils.data.DataLoader(
         _Images(images), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=_Preprocess(clip.image_processor),
+        worker_init_fn=_forget_inherited_executor_threads if num_workers else None,
     )
     features = []
     with tqdm(total=len(images), desc="CLIP images", unit="img", disable=not progress) as bar:

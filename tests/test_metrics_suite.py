@@ -347,3 +347,55 @@ def test_start_metrics_scores_in_the_background(dataset):
     bad = start_metrics([{"image_id": 404, "caption": "x"}], gt, metrics=["length"])
     with pytest.raises(ValueError, match="not images of"):
         bad.result(timeout=60)
+
+
+# Issue 20: image-decoding workers forked from the session's thread pool ------------------------------------------
+@pytest.fixture()
+def worker_exit_codes(monkeypatch):
+    """Exit codes of the workers of every multi-worker loader shut down during the test (torch joins them in its
+    iterator's ``_shutdown_workers``; recorded right after)."""
+    from torch.utils.data import dataloader
+
+    codes = []
+    original = dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+
+    def shutdown_and_record(loader_iter):
+        first = not loader_iter._shutdown
+        original(loader_iter)
+        if first:
+            codes.extend(worker.exitcode for worker in loader_iter._workers)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", shutdown_and_record)
+    return codes
+
+
+def test_image_workers_forked_from_a_thread_pool_exit_cleanly(dataset, models, worker_exit_codes):
+    """Forked from a ThreadPoolExecutor thread (as MetricSession encodes images), the workers used to exit with
+    status 1 once done (concurrent.futures' exit hook joined the thread they were forked from); torch's SIGCHLD
+    handler turns that status into "DataLoader worker (pid N) exited unexpectedly with exit code 1" raised in
+    the main thread, wherever it is."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from metrics.clip_metrics import encode_images, load_clip
+
+    root, gt, _ = dataset
+    paths = [root / "images" / image["file_name"] for image in gt["images"]]
+    clip = load_clip(models["clip_model"])
+    with ThreadPoolExecutor(1) as pool:
+        forked = pool.submit(encode_images, paths, clip, batch_size=3, num_workers=2, progress=False).result()
+    assert worker_exit_codes == [0, 0]
+    assert torch.equal(forked, encode_images(paths, clip, batch_size=3, num_workers=0, progress=False))
+
+
+def test_prepared_session_image_workers_exit_cleanly(dataset, models, worker_exit_codes, monkeypatch):
+    """The same through MetricSession itself: its background CLIP preparation and, for images it had not prepared,
+    `score` in this thread."""
+    monkeypatch.setattr(coco, "java_available", lambda: False)
+    from metrics import prepare_metrics
+
+    root, gt, results = dataset
+    with prepare_metrics(gt, ["retrieval"], images_root=root / "images", batch_size=3, num_workers=2,
+                         **models) as session:
+        scores = session.score(results)
+    assert scores["retrieval_pool"] == 10
+    assert worker_exit_codes and set(worker_exit_codes) == {0}

@@ -254,3 +254,35 @@ def test_exif_orientation_applies_to_user_images_but_not_to_the_datasets(tmp_pat
     assert models.Captioner.load_image(path).size == (20, 40)
     assert open_rgb(path, exif_transpose=True).size == (20, 40)
     assert CaptionEvalDataset.__new__(CaptionEvalDataset)._load_image(path).size == (40, 20)  # as BLIP reads it
+
+
+def test_failed_test_scoring_keeps_the_run_and_the_same_command_only_scores(toy, tmp_path, monkeypatch):
+    """Issue 20: the test split's scoring raised after training had finished. The checkpoints stay, and running
+    the same command again (resume: auto) scores the test split without a training step."""
+    run = tmp_path / "run"
+    options = ["--config", PRETRAIN, *_opts(toy, run, "train.test_after_training=true", "eval.metrics=[length]",
+                                            "resume=auto")]
+    score_test = engine.evaluate_split
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) exited unexpectedly with exit code 1")
+
+    monkeypatch.setattr(engine, "evaluate_split", crash)
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        train_caption.main(options)
+    assert "running the same command again (resume: auto, or --resume) scores it" in (run / "train.log").read_text()
+    assert (run / LATEST).exists() and (run / "checkpoint_best.safetensors").exists()
+    assert not (run / "summary.json").exists() and not (run / "test_metrics.json").exists()
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    trained = [r["step"] for r in records if r["kind"] == "train"]
+    assert trained and not [r for r in records if r["kind"] == "test"]
+
+    monkeypatch.setattr(engine, "evaluate_split", score_test)
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: pytest.fail("the finished run trained again"))
+    summary = train_caption.main(options)
+    assert summary["steps"] == max(trained) and summary["test"]["num_images"] == 6
+    assert json.loads((run / "test_metrics.json").read_text()) == summary["test"]
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == trained  # no training step was logged again
+    assert [r["kind"] for r in records if r["kind"] == "test"] == ["test"]
