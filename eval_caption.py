@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     config = engine.load_config(args.config, args.opt)
     # Its own log file: evaluating into a training run's folder adds only eval_* files there.
     utils.setup_logging(config["output_dir"], log_name=f"eval_{args.split or config['eval']['split']}.log")
+    utils.configure_cpu_threads(config)  # before any heavy work: toy builds, the model
     try:
         return engine.run_evaluation(engine.resolve_data_paths(config), checkpoint=args.checkpoint, split=args.split)
     finally:

@@ -34,6 +34,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     config = engine.load_config(args.config, args.opt)
     utils.setup_logging(config["output_dir"])
+    utils.configure_cpu_threads(config)  # before any heavy work: toy builds, the model
     try:
         summary, _ = engine.run_training(engine.resolve_data_paths(config))
         return summary

@@ -477,3 +477,92 @@ def linear_warmup_lr(step: float, total: float, warmup: float, base_lr: float) -
 def cosine_lr(step_or_epoch: float, total: float, base_lr: float, min_lr: float = 0.0) -> float:
     """BLIP's cosine schedule: ``min_lr + (base_lr - min_lr) * (1 + cos(pi * t / T)) / 2``."""
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step_or_epoch / max(total, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU threads. torch sizes its intra-op pool to the machine's cores, ignoring the affinity mask, a container's
+# CPU quota, the DataLoader workers and everything else running. Its OpenMP threads meet at a barrier after
+# every op, so one thread that loses its core stalls them all: on a 2-core machine with other jobs, the toy CLIP
+# trained 3.5-4.5x slower on 2 threads than on 1 (issue 20). The project sizes the pool itself, once per process.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a container's --cpus)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def other_cpu_load(cpus: int) -> float:
+    """CPUs kept busy by other work, estimated from the 1-minute load average (runnable tasks machine-wide),
+    scaled to the share of the machine's CPUs this process may use. Read at start-up, it is mostly other jobs."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+    return load * min(1.0, cpus / (os.cpu_count() or cpus))
+
+
+def cpu_thread_count(requested: int | None = None, omp_num_threads: str | None = None, *, cpus: int,
+                     workers: int = 0, local_world_size: int = 1, other_load: float = 0.0,
+                     ceiling: int | None = None) -> tuple[int, str]:
+    """(intra-op threads, why) for one process. Pure arithmetic; `configure_cpu_threads` supplies the inputs.
+
+    Precedence: ``requested`` (the config's ``cpu_threads``), then ``omp_num_threads`` (the environment's
+    OMP_NUM_THREADS, when a positive integer; note that torchrun sets 1 for several processes unless it is set),
+    then the computed share: the ``cpus`` not busy with ``other_load``, divided among the ``local_world_size``
+    processes of this machine, less this process's DataLoader ``workers`` (one thread each), rounded, at least 1
+    and at most ``ceiling`` (torch's own default: the policy only ever lowers it).
+    """
+    if requested is not None:
+        return requested, "cpu_threads in the config"
+    if omp_num_threads is not None and omp_num_threads.strip().isdigit() and int(omp_num_threads) > 0:
+        return int(omp_num_threads), f"OMP_NUM_THREADS={omp_num_threads.strip()}"
+    share = (cpus - other_load) / max(1, local_world_size) - workers
+    threads = max(1, math.floor(share + 0.5))
+    if ceiling is not None:
+        threads = min(threads, max(1, ceiling))
+    return threads, (f"{cpus} usable CPU(s), ~{other_load:.1f} busy with other work (load average), "
+                     f"{local_world_size} local process(es), {workers} DataLoader worker(s) each")
+
+
+_cpu_snapshot: tuple[int, float, int] | None = None
+_cpu_decision: tuple[int, str] | None = None
+
+
+def configure_cpu_threads(config: dict) -> int:
+    """Set torch's intra-op threads by `cpu_thread_count` and log the decision once; returns the count.
+
+    Call where a run starts, before heavy work (entry points, before the toy models are built). Applies on a CPU
+    run (``device`` cpu, or auto without CUDA); on CUDA only an explicit ``cpu_threads`` is applied. The machine
+    (usable CPUs, load, torch's default) is read on the first call only, so every run in one process (tests,
+    a pre-training recipe run inside a fine-tuning launch) gets the same count and the same numerics. The inter-op
+    pool is left alone: the project runs no inter-op work, and it can be sized only before its first use.
+    DataLoader workers need nothing: torch sets 1 thread in each (torch/utils/data/_utils/worker.py).
+    """
+    global _cpu_snapshot, _cpu_decision
+    requested = config.get("cpu_threads")
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
+        raise ConfigError(f"cpu_threads must be a positive integer or null (automatic), got {requested!r}")
+    device = str(config.get("device", "auto"))
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if not on_cpu and requested is None:
+        return torch.get_num_threads()
+    if _cpu_snapshot is None:
+        cpus = usable_cpus()
+        _cpu_snapshot = (cpus, other_cpu_load(cpus), torch.get_num_threads())
+    cpus, other_load, ceiling = _cpu_snapshot
+    decision = cpu_thread_count(
+        requested, os.environ.get("OMP_NUM_THREADS"), cpus=cpus, workers=config.get("data", {}).get("num_workers", 0),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), other_load=other_load, ceiling=ceiling)
+    torch.set_num_threads(decision[0])
+    if decision != _cpu_decision and os.environ.get("LOCAL_RANK", "0") == "0":
+        logger.info("CPU threads: %d (%s; set cpu_threads or OMP_NUM_THREADS to choose)", *decision)
+    _cpu_decision = decision
+    return decision[0]
