@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import checkpointing
+import hub
 import steps
 import utils
 from data import (
@@ -40,7 +41,7 @@ CONFIG_DEFAULTS = Path(__file__).resolve().parent / "configs" / "default.yaml"
 # The project's own errors about what the user gave it (config, annotations, images, output folder, checkpoints,
 # results files): the entry points print them as one line and exit with status 2 (utils.run_cli).
 USER_ERRORS = (utils.ConfigError, AnnotationError, ImageLoadError, checkpointing.RunExistsError, CheckpointError,
-               MetricInputError)
+               MetricInputError, hub.HubError)
 FREE_FORM_KEYS = {"objective", "model.arch", "resume", "data.feature_cache"}
 
 
@@ -65,6 +66,8 @@ def load_config(path: str | Path, overrides=()) -> dict:
     micro = config["train"]["micro_batch_size"]
     if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
         raise utils.ConfigError(f"train.micro_batch_size must be a positive integer or null, got {micro!r}")
+    if Path(config["output_dir"]).exists() and not Path(config["output_dir"]).is_dir():
+        raise utils.ConfigError(f"output_dir {config['output_dir']} exists and is not a folder")
     return config
 
 
@@ -73,21 +76,15 @@ def load_config(path: str | Path, overrides=()) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resolve_data_paths(config: dict) -> dict:
-    """Fill in the toy dataset's paths that are not set (and its vocab as tokenizer, if none is) when ``data.toy``.
-
-    The toy set is built on first use; concurrent ranks wait for one builder (a file lock). So are the toy CLIP
-    and GPT-2 when ``eval.metrics`` needs them and ``eval.clip_model`` / ``eval.ppl_model`` name a folder beside
-    ``data.toy_root`` (toy_pretrained.ensure_for_config).
-    """
+def fill_data_paths(config: dict) -> dict:
+    """Fill in the toy dataset's paths that are not set (and its vocab as tokenizer, if none is) when ``data.toy``;
+    no file is touched (`build_toy_assets` builds them)."""
     data_config = config["data"]
     if not data_config["toy"]:
         return config
-    from data import ensure_toy_dataset
-    from toy_pretrained import ensure_for_config
+    from data.toy import toy_paths
 
-    paths = ensure_toy_dataset(data_config["toy_root"])
-    ensure_for_config(config)
+    paths = toy_paths(Path(data_config["toy_root"]).absolute())
     if config["model"]["tokenizer"] is None:
         config["model"]["tokenizer"] = str(paths["vocab_file"])
     toy_values = {
@@ -99,6 +96,157 @@ def resolve_data_paths(config: dict) -> dict:
         if not data_config[key]:  # a value the config sets itself (e.g. a subset of the train file) wins
             data_config[key] = value
     return config
+
+
+def build_toy_assets(config: dict) -> None:
+    """With ``data.toy``, build the toy set on first use; concurrent ranks wait for one builder (a file lock). So
+    are the toy CLIP and GPT-2 when the run needs them and ``eval.clip_model`` / ``eval.ppl_model`` (or a prefix
+    captioner's parts) name a folder beside ``data.toy_root`` (toy_pretrained.ensure_for_config)."""
+    if not config["data"]["toy"]:
+        return
+    from data import ensure_toy_dataset
+    from toy_pretrained import ensure_for_config
+
+    ensure_toy_dataset(config["data"]["toy_root"])
+    ensure_for_config(config)
+
+
+def resolve_data_paths(config: dict) -> dict:
+    """`fill_data_paths` and `build_toy_assets`: a config whose every data path exists (for library use;
+    run_training and run_evaluation do both themselves, after `check_inputs`)."""
+    fill_data_paths(config)
+    build_toy_assets(config)
+    return config
+
+
+def _toy_built(config: dict, source) -> bool:
+    from toy_pretrained import built_on_first_use
+
+    return built_on_first_use(config, source)
+
+
+def metric_model_sources(groups, clip_model, ppl_model, keys=("eval.clip_model", "eval.ppl_model"),
+                         clip_rewards: bool = False) -> list[tuple[str, str]]:
+    """``(key, source)`` of the CLIP and GPT-2 that scoring ``groups`` (None: the default groups) will load."""
+    from metrics.suite import DEFAULT_METRICS, IMAGE_METRICS
+
+    groups = set(DEFAULT_METRICS if groups is None else groups)
+    sources = []
+    if groups & IMAGE_METRICS or clip_rewards:
+        sources.append((keys[0], clip_model))
+    if "ppl" in groups:
+        sources.append((keys[1], ppl_model))
+    return sources
+
+
+def check_scoring_inputs(files: dict, images_root, groups, clip_model, ppl_model) -> None:
+    """eval_caption.py --results, before any scoring starts: the files it names (``{flag: path or None}``) and
+    ``--images-root`` exist, then the CLIP and GPT-2 the groups need exist locally or can come from the hub
+    (hub.check_sources): every local path before any network."""
+    from metrics._common import MetricInputNotFound
+
+    for flag, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise MetricInputNotFound(f"{flag}: file not found: {path}")
+    if images_root is not None and not Path(images_root).is_dir():
+        raise MetricInputNotFound(f"--images-root: folder not found: {images_root}")
+    hub.check_sources(metric_model_sources(groups, clip_model, ppl_model, ("--clip-model", "--ppl-model")))
+
+
+def _require_file(key: str, value, folder: bool = False) -> None:
+    path = Path(str(value)).expanduser()
+    if not (path.is_dir() if folder else path.exists()):
+        what = "folder" if folder else "file"
+        raise utils.ConfigError(f"{key}: {what} {value} not found ({path.absolute()})")
+
+
+def _weights_source(config: dict, key: str, source: str) -> list[tuple[str, str]]:
+    """Check the weights ``source`` (``model.pretrained`` or ``--checkpoint``) as far as it is local; returns it as a
+    ``(key, hub id)`` pair when it must come from the hub (checked after every local path)."""
+    model_config = config["model"]
+    if hub.is_url(source):
+        return [(key, source)]
+    if Path(source).expanduser().exists():
+        return []
+    recipe = model_config["pretrained_recipe"] if key == "model.pretrained" else None
+    if recipe:
+        if not Path(recipe).is_file():
+            raise utils.ConfigError(f"model.pretrained {source} does not exist, and model.pretrained_recipe, which "
+                                    f"would create it, names no file: {recipe}")
+        load_config(recipe, ["resume=auto"])  # a typo in the recipe fails now, not after the first build
+        return []
+    from models.checkpoint import looks_like_hub_id
+
+    if model_config["family"] == "blip" and looks_like_hub_id(source):
+        return [(key, source)]
+    raise CheckpointError(f"{key}: checkpoint {source!r} not found: no such file or directory "
+                          f"({Path(source).expanduser().absolute()})")
+
+
+def check_inputs(config: dict, mode: str = "train", split: str | None = None, checkpoint: str | None = None,
+                 resuming: bool = False) -> None:
+    """Every check that needs no model, run before anything is built or trained: config values, then every local
+    path the config (or ``checkpoint``, eval_caption.py --checkpoint) names, then every hub id it names (one short
+    probe of the hub; hub.py) and checkpoint URLs not yet downloaded.
+
+    ``mode`` "train" checks what run_training reads (the training files, val when ``train.validate``, test and
+    ``eval.metrics``' models when ``train.test_after_training``); "eval" what run_evaluation reads for ``split``.
+    ``resuming``: the weights come from the run's own checkpoint, so ``model.pretrained`` is not needed. Paths
+    the toy flow builds on first use (``data.toy``) are left to it.
+    """
+    model_config, data_config, eval_config = config["model"], config["data"], config["eval"]
+    toy, family = data_config["toy"], model_config["family"]
+    # Config values a builder would otherwise trip over deep inside.
+    if family == "blip" and model_config["tokenizer"] is None and not toy:
+        raise utils.ConfigError(
+            "model.tokenizer is null, which means the toy set's vocab.txt, but data.toy is false: set model.tokenizer "
+            "to the vocab.txt the model is trained with (the toy set's is <data.toy_root>/vocab.txt, e.g. "
+            "cache/toy/vocab.txt), a tokenizer folder, or a hub id such as bert-base-uncased")
+    if family == "prefix" and model_config["prefix"]["gpt2"] is None:
+        raise utils.ConfigError("model.family is prefix but model.prefix.gpt2 is not set (a GPT-2 hub id or folder, "
+                                "or a mapping of GPT2Config fields for a random toy model)")
+    # The weights first (the file a user most often lacks), then the data, then the other models: every local
+    # path before any network.
+    remote: list[tuple[str, str]] = []
+    if checkpoint:
+        remote += _weights_source(config, "--checkpoint", str(checkpoint))
+    elif model_config["pretrained"] and not resuming:
+        remote += _weights_source(config, "model.pretrained", str(model_config["pretrained"]))
+    # Data: what the user set (the toy set's own files do not exist before its first build).
+    if mode == "train":
+        splits = (["val"] if config["train"]["validate"] else []) + (
+            ["test"] if config["train"]["test_after_training"] and data_config["test_file"] else [])
+        if not data_config["train_files"] and not toy:
+            raise utils.ConfigError("data.train_files is empty: nothing to train on (or set data.toy: true)")
+        for name in data_config["train_files"]:
+            _require_file("data.train_files", name)
+    else:
+        splits = [split or eval_config["split"]]
+    for name in splits:
+        if not data_config[f"{name}_file"] and not toy:
+            raise utils.ConfigError(f"data.{name}_file is not set: cannot evaluate on {name}")
+        for key in (f"data.{name}_file", f"data.{name}_gt"):
+            if utils.get_by_path(config, key):
+                _require_file(key, utils.get_by_path(config, key))
+    if data_config["image_root"]:
+        _require_file("data.image_root", data_config["image_root"], folder=True)
+    sources = []
+    if family == "blip" and model_config["tokenizer"] is not None:
+        sources.append(("model.tokenizer", model_config["tokenizer"]))
+    if family == "prefix":
+        sources += [(f"model.prefix.{part}", model_config["prefix"][part]) for part in ("gpt2", "clip", "tokenizer")]
+    scores_metrics = mode == "eval" or (config["train"]["test_after_training"] and (data_config["test_file"] or toy))
+    clip_rewards = any(name in steps.CLIP_REWARDS for name in steps.reward_names(config["objective"]))
+    sources += metric_model_sources(eval_config["metrics"] if scores_metrics else (), eval_config["clip_model"],
+                                    eval_config["ppl_model"], clip_rewards=clip_rewards and mode == "train")
+    sources = [(key, source) for key, source in sources if not _toy_built(config, source)]
+    hub.check_sources(sources + [(key, source) for key, source in remote if not hub.is_url(source)])
+    for key, source in remote:
+        if hub.is_url(source):
+            from models.checkpoint import download_path
+
+            cache = Path(model_config["cache_dir"]).expanduser()
+            hub.require_url(source, key, cached=download_path(source, cache).exists())
 
 
 def ensure_pretrained(config: dict) -> None:
@@ -114,8 +262,8 @@ def ensure_pretrained(config: dict) -> None:
         return
     logger.info("%s does not exist: training %s first to create it (seed %d)", source, recipe, config["seed"])
     # resume: auto, so a recipe run that was interrupted continues instead of refusing its own folder.
-    run_training(resolve_data_paths(load_config(recipe, ["resume=auto", f"seed={config['seed']}",
-                                                         f"output_dir={Path(source).parent}"])))
+    run_training(load_config(recipe, ["resume=auto", f"seed={config['seed']}",
+                                      f"output_dir={Path(source).parent}"]))
     if not Path(source).exists():
         raise FileNotFoundError(f"model.pretrained_recipe {recipe} ran but did not create {source}")
 
@@ -526,16 +674,24 @@ def _dump_yaml(config: dict) -> str:
 def run_training(config: dict) -> tuple[dict, CaptionModel]:
     """Train per ``config``; returns (summary with the best validation and the test metrics, trained captioner).
 
-    Joins the process group torchrun describes, if any. Data paths must be resolved (``resolve_data_paths``).
-    Resumes from ``output_dir/checkpoint_latest.safetensors`` when ``resume`` says so (see checkpointing.py).
-    With ``train.tensorboard``, rank 0 also writes every log record's numbers to ``output_dir/tensorboard``.
+    Joins the process group torchrun describes, if any. Resumes from ``output_dir/checkpoint_latest.safetensors``
+    when ``resume`` says so (see checkpointing.py). With ``train.tensorboard``, rank 0 also writes every log
+    record's numbers to ``output_dir/tensorboard``.
+
+    Everything that needs no model is checked first (`check_inputs`, then the resume state), so a wrong path, an
+    unreachable hub id or a ``--resume`` without a checkpoint fails in seconds; only then are the toy set and toy
+    models built on first use (`resolve_data_paths`), the pre-training recipe run and the captioner built.
     """
     if config["train"]["tensorboard"]:
         utils.require_tensorboard()  # before any work, rather than after the model is built
-    device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
     output_dir = Path(config["output_dir"])
+    # Before check_output_dir: an overwrite deletes the old run only once the new one can start.
+    check_inputs(config, "train", resuming=bool(config["resume"]) and (output_dir / checkpointing.LATEST).exists())
+    device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
     resume_from = checkpointing.check_output_dir(output_dir, config["resume"], config["overwrite"])
+    fill_data_paths(config)
     prepare_output_dir(config, "config.yaml" if resume_from is None else "config_resumed.yaml")
+    build_toy_assets(config)
     if resume_from is None:
         ensure_pretrained(config)
     # Same initial weights on every rank even without a checkpoint: seed the model build identically.
@@ -635,10 +791,13 @@ def run_evaluation(config: dict, checkpoint: str | None = None, split: str | Non
     Writes ``eval_<split>_results.json``, ``eval_<split>_metrics.json`` and ``eval_<split>_caption_lengths.png``
     into ``output_dir``.
     """
-    device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
     split = split or config["eval"]["split"]
+    check_inputs(config, "eval", split=split, checkpoint=checkpoint)  # before anything is built or downloaded
+    device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
+    fill_data_paths(config)
     # Evaluating into a training run's folder must not replace the config that trained it.
     output_dir = prepare_output_dir(config, config_name=f"eval_{split}_config.yaml")
+    build_toy_assets(config)
     captioner = build_captioner(config, device, pretrained=checkpoint)
     return evaluate_split(captioner, config, split, device, output_dir, f"eval_{split}")
 

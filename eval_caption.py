@@ -68,9 +68,12 @@ def main(argv=None) -> dict:
         from metrics.suite import score_results_file
 
         utils.setup_logging()
+        groups = args.metrics.split(",") if args.metrics else None
+        engine.check_scoring_inputs(  # before any scoring starts
+            {"--results": args.results, "--annotations": args.annotations, "--finecapeval": args.finecapeval},
+            args.images_root, groups, args.clip_model, args.ppl_model)
         metrics = score_results_file(
-            args.results, args.annotations, images_root=args.images_root,
-            metrics=args.metrics.split(",") if args.metrics else None,
+            args.results, args.annotations, images_root=args.images_root, metrics=groups,
             clip_model=args.clip_model, ppl_model=args.ppl_model, out=args.out, finecapeval=args.finecapeval,
             instances=args.instances,
         )
@@ -83,7 +86,7 @@ def main(argv=None) -> dict:
     utils.setup_logging(config["output_dir"], log_name=f"eval_{args.split or config['eval']['split']}.log")
     utils.configure_cpu_threads(config)  # before any heavy work: toy builds, the model
     try:
-        return engine.run_evaluation(engine.resolve_data_paths(config), checkpoint=args.checkpoint, split=args.split)
+        return engine.run_evaluation(config, checkpoint=args.checkpoint, split=args.split)
     finally:
         utils.cleanup_distributed()
 

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     utils.setup_logging(config["output_dir"])
     utils.configure_cpu_threads(config)  # before any heavy work: toy builds, the model
     try:
-        summary, _ = engine.run_training(engine.resolve_data_paths(config))
+        summary, _ = engine.run_training(config)
         return summary
     finally:
         utils.cleanup_distributed()

@@ -351,25 +351,57 @@ def build_folder(folder: str | Path, write: Callable[[Path], Any]) -> Any:
     return result
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc/self/status).
+
+    ``os.umask`` can only be read by setting it; between the two calls another thread (the metrics session's
+    workers, DataLoader threads) would create its files with mode 0666, so that is the fallback only.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def publish_file(temporary: str | Path, path: str | Path) -> None:
     """Rename a finished temp file into place with ordinary permissions.
 
-    NamedTemporaryFile creates files readable by their owner only (0600); results and checkpoints should get
-    the same permissions as any other file the user writes (0666 minus the umask).
+    mkstemp and NamedTemporaryFile create files readable by their owner only (0600); results, metrics and
+    checkpoints should get the same permissions as any other file the user writes (0666 minus the umask).
+    Every atomic write of the project ends here (`atomic_open`, `atomic_write_text`, `write_json`).
     """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
+    os.chmod(temporary, 0o666 & ~current_umask())
     os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[Any]:
+    """``open(path, mode)`` for writing, made atomic: the ``with`` block fills a temp file in the same folder,
+    which replaces ``path`` (with the umask's permissions, `publish_file`) only when the block ends without an
+    error; on an error it is removed and any earlier ``path`` is unchanged. ``kwargs`` go to ``open``
+    (``encoding=``, ...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, mode, **kwargs) as handle:
+            yield handle
+        publish_file(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
-    publish_file(handle.name, path)
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -51,8 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from itertools import chain, compress, repeat
 from pathlib import Path
@@ -318,15 +316,10 @@ class CiderD:
                   "digest": np.asarray(digest), "vocab": self.vocab}
         arrays.update({f"codes_{k}": v for k, v in self.codes.items()})
         arrays.update({f"df_{k}": v for k, v in self.df.items()})
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, **arrays)
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        import utils
+
+        with utils.atomic_open(path, "wb") as out:  # a concurrent reader sees the old file or the new one
+            np.savez(out, **arrays)
 
     def _load(self, path: Path, digest: str) -> bool:
         if not path.is_file():

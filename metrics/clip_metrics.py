@@ -70,12 +70,18 @@ def load_clip(model_id_or_dir: str | Path | ClipBundle, device: str | torch.devi
     """
     if isinstance(model_id_or_dir, ClipBundle):
         return model_id_or_dir
+    import functools
+
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
+    import hub  # a hub id without network: one line at once (hub.HubError), not minutes of retries
+
     source = str(model_id_or_dir)
+    what = "CLIP (eval.clip_model / --clip-model)"
+    loaders = {"model": CLIPModel.from_pretrained, "tokenizer": AutoTokenizer.from_pretrained,
+               "image_processor": AutoImageProcessor.from_pretrained}
     loaded = load_from_source(
-        {"model": CLIPModel.from_pretrained, "tokenizer": AutoTokenizer.from_pretrained,
-         "image_processor": AutoImageProcessor.from_pretrained},
+        {name: functools.partial(hub.from_pretrained, loader, what=what) for name, loader in loaders.items()},
         source, "CLIP", "a saved CLIPModel, its tokenizer and its image processor",
     )
     model, tokenizer, image_processor = loaded["model"], loaded["tokenizer"], loaded["image_processor"]

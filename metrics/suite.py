@@ -33,7 +33,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -605,18 +604,11 @@ def score_results_file(
 
 def write_metrics_json(metrics: dict, path: str | Path) -> None:
     """Write `metrics` as JSON via a temp file in the same folder and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            json.dump(metrics, handle, indent=2)
-            handle.write("\n")
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
+    import utils  # utils.atomic_open: the umask's permissions, not the temp file's 0600
+
+    with utils.atomic_open(path, "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=2)
+        handle.write("\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from data import AnnotationError, build_coco_gt, image_id_from_path, load_annotations  # noqa: E402
+import utils  # noqa: E402
 
 BASE_URL = "https://storage.googleapis.com/sfr-vision-language-research/datasets/"
 
@@ -180,7 +180,7 @@ def _install(source_fill, target: Path, name: str, spec: DatasetSpec) -> None:
         if temporary.stat().st_size == 0:
             raise PrepareError(f"{name}: the fetched file is empty")
         validate_file(temporary, name, spec)
-        os.replace(temporary, target)
+        utils.publish_file(temporary, target)  # the umask's permissions, not the temp file's 0600
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -267,10 +267,8 @@ def write_gt_files(spec: DatasetSpec, ann_dir: Path) -> None:
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".part",
-                                     delete=False, encoding="utf-8") as handle:
+    with utils.atomic_open(path, "w", encoding="utf-8") as handle:
         json.dump(payload, handle)
-    os.replace(handle.name, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

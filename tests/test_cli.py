@@ -3,8 +3,11 @@ and no traceback; anything unexpected keeps its traceback; SMILE_TRACEBACK=1 sho
 semantics that fit job schedulers (``--resume`` refused with a hint, ``resume: auto`` starting fresh)."""
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,170 @@ def test_interrupted_recipe_run_continues_on_the_next_launch(toy, tmp_path):
     assert steps == [1, 2, 3, 4]  # steps 1-2 from the interrupted run, 3-4 after resuming: nothing redone
     assert (recipe_dir / "checkpoint_best.safetensors").exists()
     assert (tmp_path / "finetune" / LATEST).exists()
+
+
+# Early and offline failures (issue 20): every check that needs no model runs before anything is built, and a hub
+# id on a machine that cannot reach the hub fails at once, in one line ------------------------------------------
+
+# The failures themselves take well under a second; the rest is importing torch and transformers, 10-20 s on the
+# shared, loaded 2-core CPU. Before, `eval.sh configs/coco/eval_released.yaml` without network took 245 s of hub
+# retries, and a fresh `--resume` refusal came after building the toy CLIP and GPT-2 (~10 minutes).
+FAST_S = 60
+
+
+def _unreachable_env(hf_home: Path) -> dict:
+    """The network made unreachable: every proxy variable at a closed local port; HF_HUB_OFFLINE unset; an
+    empty hub cache."""
+    env = {key: value for key, value in os.environ.items()
+           if key.upper() not in {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_PROXY", "HF_HUB_CACHE",
+                                  "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", utils.TRACEBACK_ENV}}
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    env.update(HTTPS_PROXY=closed, HTTP_PROXY=closed, ALL_PROXY=closed, https_proxy=closed, http_proxy=closed,
+               all_proxy=closed, HF_HOME=str(hf_home))
+    return env
+
+
+def _timed(args: list[str], env: dict, umask: int = -1) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    completed = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                               timeout=600, umask=umask)
+    return completed, time.monotonic() - started
+
+
+def _assert_fast_without_retries(completed: subprocess.CompletedProcess, elapsed: float) -> None:
+    assert "Retrying" not in completed.stderr, completed.stderr[-3000:]
+    assert elapsed < FAST_S, elapsed
+
+
+@pytest.mark.slow
+def test_without_network_a_missing_checkpoint_is_named_before_any_hub_call(tmp_path):
+    """`bash scripts/eval.sh configs/coco/eval_released.yaml` without the checkpoint and without network: the
+    missing file is the error, not minutes of retries for bert-base-uncased's tokenizer first."""
+    missing = tmp_path / "checkpoints" / "blip_smile_base.pth"
+    completed, elapsed = _timed(
+        ["eval_caption.py", "--config", "configs/coco/eval_released.yaml", "--opt", f"output_dir={tmp_path / 'out'}",
+         "--opt", f"model.pretrained={missing}"], _unreachable_env(tmp_path / "hf"))
+    _assert_clean(completed, "model.pretrained", f"'{missing}' not found")
+    _assert_fast_without_retries(completed, elapsed)
+
+
+@pytest.mark.slow
+def test_without_network_a_hub_id_fails_at_once_in_one_line(toy, tmp_path):
+    env = _unreachable_env(tmp_path / "hf")
+    config = _tiny_config(toy, tmp_path, tmp_path / "bert", **{"model.tokenizer": "bert-base-uncased"})
+    completed, elapsed = _timed(["train_caption.py", "--config", str(config)], env)
+    _assert_clean(completed, "model.tokenizer 'bert-base-uncased'", "cannot be reached", "HF_HUB_OFFLINE=1",
+                  "local folder")
+    _assert_fast_without_retries(completed, elapsed)
+    assert not (tmp_path / "bert" / "config.yaml").exists()  # refused before the run started
+
+    # eval_caption.py --results with hub ids: one line and status 2, not a traceback after 30 s.
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": 1800, "caption": "a red circle"}]))
+    completed, elapsed = _timed(
+        ["eval_caption.py", "--results", str(results), "--annotations", str(toy["paths"]["val_gt"]),
+         "--images-root", str(toy["paths"]["image_root"]), "--clip-model", "openai/clip-vit-base-patch32",
+         "--ppl-model", "gpt2"], env)
+    _assert_clean(completed, "--clip-model 'openai/clip-vit-base-patch32'", "cannot be reached", "HF_HUB_OFFLINE=1")
+    _assert_fast_without_retries(completed, elapsed)
+
+    # HF_HUB_OFFLINE=1 and no cached copy: the same line, saying so.
+    completed, elapsed = _timed(
+        ["eval_caption.py", "--results", str(results), "--annotations", str(toy["paths"]["val_gt"]),
+         "--metrics", "length,ppl", "--ppl-model", "gpt2"], {**env, "HF_HUB_OFFLINE": "1"})
+    _assert_clean(completed, "--ppl-model 'gpt2'", "HF_HUB_OFFLINE is set", "local folder")
+
+
+@pytest.mark.slow
+def test_without_network_a_cached_hub_model_loads_from_the_cache(tmp_path):
+    """The probe fails at once and BERT's tokenizer comes from the hub cache, with a warning."""
+    from test_hub import fake_cache
+
+    fake_cache(tmp_path / "hf" / "hub", "bert-base-uncased",
+               {"vocab.txt": (REPO / "tests" / "fixtures" / "vocab.txt").read_text()})
+    code = "from models.captioner import build_tokenizer; print(len(build_tokenizer('bert-base-uncased')))"
+    completed, elapsed = _timed(["-c", code], _unreachable_env(tmp_path / "hf"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "from the local cache" in completed.stderr and int(completed.stdout.split()[-1]) > 0
+    _assert_fast_without_retries(completed, elapsed)
+
+
+@pytest.mark.slow
+def test_a_fresh_resume_is_refused_before_anything_is_built(tmp_path):
+    """On a fresh checkout `--resume` used to build the toy set, CLIP and GPT-2 (minutes) before refusing."""
+    fresh = tmp_path / "cache"  # what a fresh checkout's cache/ holds: nothing
+    completed, elapsed = _timed(
+        ["train_caption.py", "--config", "configs/toy/smile.yaml", "--resume", "--opt",
+         f"output_dir={tmp_path / 'EMPTY'}", "--opt", f"data.toy_root={fresh / 'toy'}",
+         "--opt", f"eval.clip_model={fresh / 'toy_clip'}", "--opt", f"eval.ppl_model={fresh / 'toy_gpt2'}",
+         "--opt", f"model.pretrained={fresh / 'toy_pretrain' / 'checkpoint_best.safetensors'}"],
+        {**os.environ, "HF_HUB_OFFLINE": "1"})
+    _assert_clean(completed, f"--resume: no {LATEST} in")
+    assert not fresh.exists()  # no toy set, toy CLIP, toy GPT-2 or pre-trained BLIP was built
+    assert elapsed < FAST_S, elapsed
+
+
+def test_cheap_checks_come_before_any_build(toy, tmp_path, monkeypatch):
+    """In-process, with the builders instrumented: each user error is raised before the toy set, the toy CLIP /
+    GPT-2, the pre-training recipe or the captioner is built."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("built before the checks")
+
+    for name in ("build_toy_assets", "ensure_pretrained", "build_captioner"):
+        monkeypatch.setattr(engine, name, forbidden)
+    base = _tiny_config(toy, tmp_path, tmp_path / "run")
+    cases = [
+        (["--resume"], f"--resume: no {LATEST}"),
+        (["--opt", "data.train_files=[missing/train.json]"], "data.train_files: file missing/train.json not found"),
+        (["--opt", f"data.image_root={tmp_path / 'no_images'}"], "data.image_root: folder"),
+        (["--opt", "model.pretrained=runs/missing_best.safetensors"], "'runs/missing_best.safetensors' not found"),
+        (["--opt", "model.pretrained=runs/missing_best.safetensors", "--opt",
+          "model.pretrained_recipe=configs/toy/missing.yaml"], "model.pretrained_recipe, which would create it"),
+        (["--opt", "model.prefix.gpt2=null", "--opt", "model.family=prefix"], "model.prefix.gpt2 is not set"),
+    ]
+    for options, message in cases:
+        with pytest.raises(engine.USER_ERRORS, match=re.escape(message)):
+            train_caption.main(["--config", str(base), *options])
+
+
+def test_a_toy_config_with_its_data_given_by_hand_names_model_tokenizer(toy, tmp_path, capsys, monkeypatch):
+    """configs/toy/*.yaml leave model.tokenizer null (the toy set's vocab); with data.toy false that used to be a
+    TypeError inside build_tokenizer."""
+    monkeypatch.delenv(utils.TRACEBACK_ENV, raising=False)
+    paths = toy["paths"]
+    argv = ["--config", str(REPO / "configs" / "toy" / "mle.yaml"), "--opt", f"output_dir={tmp_path / 'run'}",
+            "--opt", "data.toy=false", "--opt", f"data.train_files=[{paths['train_file']}]",
+            "--opt", f"data.val_file={paths['val_file']}", "--opt", f"data.test_file={paths['test_file']}",
+            "--opt", f"data.image_root={paths['image_root']}"]
+    assert utils.run_cli(train_caption.main, engine.USER_ERRORS, argv, prog="train_caption.py") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.tokenizer is null" in err and "data.toy is false" in err
+    assert "vocab.txt" in err and "bert-base-uncased" in err
+
+
+@pytest.mark.slow
+def test_demo_missing_checkpoint_is_one_line_naming_the_training_command(tmp_path):
+    import demo
+
+    # README's demo command names runs/toy/mle, which configs/toy/mle.yaml writes.
+    assert demo.training_command(REPO / "runs" / "toy" / "mle" / "checkpoint_best.safetensors") == \
+        "bash scripts/train.sh configs/toy/mle.yaml"
+    missing = tmp_path / "runs" / "x" / "checkpoint_best.safetensors"
+    line = _assert_clean(_run("demo.py", "--checkpoint", str(missing)), f"--checkpoint {missing}: no such file",
+                         "bash scripts/train.sh")
+    assert "CheckpointError" not in line
+
+
+@pytest.mark.slow
+def test_eval_out_files_get_the_umasks_mode(toy, tmp_path):
+    """eval_caption.py --out used to write metrics.json with the temp file's 0600."""
+    gt = json.loads(Path(toy["paths"]["val_gt"]).read_text())
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": image["id"], "caption": "a red circle"} for image in gt["images"]]))
+    out = tmp_path / "scores" / "metrics.json"
+    completed, _ = _timed(["eval_caption.py", "--results", str(results), "--annotations", str(toy["paths"]["val_gt"]),
+                           "--metrics", "length", "--out", str(out)], {**os.environ, "HF_HUB_OFFLINE": "1"},
+                          umask=0o027)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert "cap_len" in json.loads(out.read_text())
