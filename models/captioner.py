@@ -56,7 +56,7 @@ ARCHITECTURES: dict[str, BlipArchitecture] = {
     "base": BlipArchitecture(768, 12, 12, 3072, 16, 768, 12, 12, 3072),
     # ViT-L/16 + BERT-base decoder: model_large_caption.pth.
     "large": BlipArchitecture(1024, 24, 16, 4096, 16, 768, 12, 12, 3072),
-    # For tests and the CPU toy demo: trains from scratch in about a minute on 2 cores at 48 px.
+    # For tests and the CPU toy study (configs/toy/pretrain.yaml trains it from scratch at 64 px on 2 cores).
     "tiny": BlipArchitecture(64, 2, 4, 256, 8, 64, 2, 4, 256, max_positions=64),
 }
 

@@ -223,7 +223,12 @@ mkdir -p "$(dirname "$RESULTS")"
     toy) echo "# Toy dataset, test split" ;;
   esac
   echo
-  echo "Written by \`bash scripts/reproduce.sh $DATASET${COMMAND_ARGS:+ $COMMAND_ARGS}\` on $(date -u '+%Y-%m-%d %H:%M UTC')," \
+  # The variables that change what runs or its numbers (the thread count changes float rounding).
+  settings=""
+  for name in ROWS SEEDS SEED_ROWS RUNS_DIR TOY_PRETRAIN METRICS NPROC OMP_NUM_THREADS; do
+    if value=$(printenv "$name"); then settings+="$name=\"$value\" "; fi
+  done
+  echo "Written by \`${settings}bash scripts/reproduce.sh $DATASET${COMMAND_ARGS:+ $COMMAND_ARGS}\` on $(date -u '+%Y-%m-%d %H:%M UTC')," \
        "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')."
   echo "Each row: train with the row's config, keep the best epoch by validation CIDEr + BLEU-4, score it on test."
   if [[ ${#SEED_LIST[@]} -gt 0 ]]; then
