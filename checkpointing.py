@@ -188,6 +188,10 @@ def check_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -> P
     existing = [name for name in RUN_FILES if (output_dir / name).exists()]
     if resume and latest.exists():
         return latest
+    if resume == "auto" and existing == ["log.jsonl"]:
+        # A job killed after logging its first steps but before its first checkpoint: those steps are lost either
+        # way, so the resubmitted command starts the run again (as resume: auto promises) on a fresh log.
+        overwrite = True
     if resume is True:
         raise RunExistsError(
             f"--resume: no {LATEST} in {output_dir} to resume from (the run never reached its first checkpoint, or "

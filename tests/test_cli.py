@@ -191,9 +191,15 @@ def test_resume_auto_starts_fresh_when_the_job_died_before_its_first_checkpoint(
     # What a job preempted before its first checkpoint leaves behind.
     (run / "config.yaml").write_text("output_dir: died_early\n")
     (run / "train.log").write_text("2026-12-01 INFO starting\n")
+    # ... or, killed after logging steps but before any checkpoint, its log too.
+    (run / "log.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n')
     config = _tiny_config(toy, tmp_path, run, resume="auto")
     summary = train_caption.main(["--config", str(config)])
     assert summary["steps"] == 2 and (run / LATEST).exists()
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps)) and 9.0 not in [json.loads(line).get("loss") for line in
+                                                       (run / "log.jsonl").read_text().splitlines()]
     # Resubmitted with the same command once finished: it continues (re-scores), never refuses or restarts.
     again = train_caption.main(["--config", str(config)])
     assert again["steps"] == 2
