@@ -119,12 +119,6 @@ def resolve_data_paths(config: dict) -> dict:
     return config
 
 
-def _toy_built(config: dict, source) -> bool:
-    from toy_pretrained import built_on_first_use
-
-    return built_on_first_use(config, source)
-
-
 def metric_model_sources(groups, clip_model, ppl_model, keys=("eval.clip_model", "eval.ppl_model"),
                          clip_rewards: bool = False) -> list[tuple[str, str]]:
     """``(key, source)`` of the CLIP and GPT-2 that scoring ``groups`` (None: the default groups) will load."""
@@ -239,7 +233,9 @@ def check_inputs(config: dict, mode: str = "train", split: str | None = None, ch
     clip_rewards = any(name in steps.CLIP_REWARDS for name in steps.reward_names(config["objective"]))
     sources += metric_model_sources(eval_config["metrics"] if scores_metrics else (), eval_config["clip_model"],
                                     eval_config["ppl_model"], clip_rewards=clip_rewards and mode == "train")
-    sources = [(key, source) for key, source in sources if not _toy_built(config, source)]
+    from toy_pretrained import built_on_first_use
+
+    sources = [(key, source) for key, source in sources if not built_on_first_use(config, source)]
     hub.check_sources(sources + [(key, source) for key, source in remote if not hub.is_url(source)])
     for key, source in remote:
         if hub.is_url(source):
