@@ -24,7 +24,7 @@ import sys
 import json
 from pathlib import Path
 
-import engine
+import training
 import utils
 
 
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
 
         utils.setup_logging()
         groups = args.metrics.split(",") if args.metrics else None
-        engine.check_scoring_inputs(  # before any scoring starts
+        training.check_scoring_inputs(  # before any scoring starts
             {"--results": args.results, "--annotations": args.annotations, "--finecapeval": args.finecapeval},
             args.images_root, groups, args.clip_model, args.ppl_model)
         metrics = score_results_file(
@@ -81,15 +81,15 @@ def main(argv=None) -> dict:
         plot = args.length_plot or length_plot_path(args.results, Path(args.out).parent if args.out else None)
         plot_caption_lengths_or_warn(args.results, plot, run=Path(args.results).stem)
         return metrics
-    config = engine.load_config(args.config, args.opt)
+    config = training.load_config(args.config, args.opt)
     # Its own log file: evaluating into a training run's folder adds only eval_* files there.
     utils.setup_logging(config["output_dir"], log_name=f"eval_{args.split or config['eval']['split']}.log")
     utils.configure_cpu_threads(config)  # before any heavy work: toy builds, the model
     try:
-        return engine.run_evaluation(config, checkpoint=args.checkpoint, split=args.split)
+        return training.run_evaluation(config, checkpoint=args.checkpoint, split=args.split)
     finally:
         utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run_cli(main, engine.USER_ERRORS))
+    sys.exit(utils.run_cli(main, training.USER_ERRORS))

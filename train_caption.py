@@ -11,7 +11,7 @@ Everything lands in ``output_dir``; ``--resume`` continues a run that was stoppe
 import argparse
 import sys
 
-import engine
+import training
 import utils
 
 
@@ -32,15 +32,15 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     """Returns the run summary (best validation metrics, test metrics of the best checkpoint)."""
     args = parse_args(argv)
-    config = engine.load_config(args.config, args.opt)
+    config = training.load_config(args.config, args.opt)
     utils.setup_logging(config["output_dir"])
     utils.configure_cpu_threads(config)  # before any heavy work: toy builds, the model
     try:
-        summary, _ = engine.run_training(config)
+        summary, _ = training.run_training(config)
         return summary
     finally:
         utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run_cli(main, engine.USER_ERRORS))
+    sys.exit(utils.run_cli(main, training.USER_ERRORS))

@@ -7,7 +7,7 @@
 What is timed, per mode, from the first image read to the last score:
 
 * generation: a BLIP captioner (``--preset``, random weights, seeded) runs beam search over the N JPEGs, which
-  a DataLoader decodes and resizes with ``--gen-workers`` workers as engine.generate_captions' loader does
+  a DataLoader decodes and resizes with ``--gen-workers`` workers as training.generate_captions' loader does
   (bf16 autocast on CUDA). ``--min-length`` defaults to ``--max-length``, so every caption costs the full
   decoding steps, as in bench_generate.py. Random weights caption gibberish, so the captions scored are
   synthetic COCO-like sentences (tests/metrics_fixtures.synthetic_caption), one per image, with 5 references

@@ -9,7 +9,7 @@ between "eager" and "sdpa" (``models/attention.py``: the same weights), repeats 
 other processes hits both alike. The tiny preset's 64 text positions are raised to ``--max-length``.
 ``--min-length`` defaults to ``--max-length``: random weights would otherwise end captions at arbitrary lengths;
 so every caption costs the full 75 decoding steps with the KV cache. On CUDA both run under bf16 autocast, as
-``engine.generate_captions`` does (``--no-amp`` for fp32).
+``training.generate_captions`` does (``--no-amp`` for fp32).
 
 ``--total-images N`` then captions N synthetic images (``ceil(N / batch)`` batches, the last one partial, with
 the fastest implementation of ``--implementations``) and prints the wall-clock time, the Karpathy-test figure

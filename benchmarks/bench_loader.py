@@ -1,5 +1,5 @@
 """Training-data throughput on the CPU: images/s per core of BLIP's train transform, stage by stage, and of
-the DataLoader as the engine builds it, against the rate a GPU consumes.
+the DataLoader as the trainer builds it, against the rate a GPU consumes.
 
     python benchmarks/bench_loader.py                                  # COCO-sized JPEGs, 384 px
     python benchmarks/bench_loader.py --workers 1,2 --gpu-rate 473     # images/s one H100 trains at (README)
@@ -16,7 +16,7 @@ Printed, with the machine:
   milliseconds per image and images/s per core; the stage order and arguments are BLIP's caption fine-tuning
   pipeline (data/transforms.py), which is what the original code ran per image, so the per-core figure is
   also that of BLIP's loader (BLIP's own cv2 RandAugment is not a dependency here and is not run);
-* the DataLoader of ``engine._loader`` (``CaptionTrainDataset``, batch 32, pinned memory when CUDA is present,
+* the DataLoader of ``training._loader`` (``CaptionTrainDataset``, batch 32, pinned memory when CUDA is present,
   persistent workers, prefetch) for each ``--workers`` count: images/s, per worker, and the cores needed to
   keep up with ``--gpu-rate``;
 * reduced-size JPEG decoding (``Image.draft``): the largest DCT scale that still leaves enough pixels for an
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import describe_machine  # noqa: E402
 
-import engine  # noqa: E402
+import training  # noqa: E402
 from data import CaptionTrainDataset, build_eval_transform, build_train_transform, caption_collate  # noqa: E402
 from data.gpu_augment import build_device_pipeline  # noqa: E402
 from data.transforms import BlipRandAugment  # noqa: E402
@@ -115,10 +115,10 @@ def stage_table(paths: list[Path], image_size: int, min_scale: float, repeats: i
 
 def loader_rate(root: Path, annotation: Path, image_size: int, workers: int, batches: int, batch_size: int = 32,
                 randaugment: bool = True) -> float:
-    """Images/s of the engine's training DataLoader with ``workers`` processes (after one warm-up batch)."""
+    """Images/s of the trainer's training DataLoader with ``workers`` processes (after one warm-up batch)."""
     dataset = CaptionTrainDataset(annotation, root, build_train_transform(image_size, randaugment=randaugment))
     config = {"data": {"num_workers": workers}, "train": {"batch_size": batch_size}, "seed": 0}
-    loader, _ = engine._loader(dataset, batch_size, True, caption_collate, config, seed=0)
+    loader, _ = training._loader(dataset, batch_size, True, caption_collate, config, seed=0)
     iterator = iter(loader)
     next(iterator)
     start, seen = time.perf_counter(), 0
@@ -151,7 +151,7 @@ def e2e_rate(root: Path, annotation: Path, image_size: int, workers: int, batch_
             return pipeline.on_device(images, device)
     dataset = CaptionTrainDataset(annotation, root, transform)
     config = {"data": {"num_workers": workers}, "train": {"batch_size": batch_size}, "seed": 0}
-    loader, _ = engine._loader(dataset, batch_size, True, collate, config, seed=0)
+    loader, _ = training._loader(dataset, batch_size, True, collate, config, seed=0)
     iterator = iter(loader)
     to_device(next(iterator)[0])
     _synchronize(device)

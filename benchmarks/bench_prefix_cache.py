@@ -4,9 +4,9 @@
     python benchmarks/bench_prefix_cache.py --tower b32 --gpt2 small --batch 64 --device cuda     # one GPU
     python benchmarks/bench_prefix_cache.py --clip openai/clip-vit-base-patch32 --device cuda      # real weights
 
-Both paths are the engine's own: ``engine.build_train_loader`` (``data.feature_cache: off`` / ``on``) over the toy
+Both paths are the trainer's own: ``training.build_train_loader`` (``data.feature_cache: off`` / ``on``) over the toy
 images (``data.ensure_toy_dataset`` in a temporary folder, resized to the tower's 224 px by CLIP's preprocessing),
-``steps.TeacherForcedStep`` with MLE, the engine's AdamW and autocast; a timed step is loader + host-to-device copy
+``steps.TeacherForcedStep`` with MLE, the trainer's AdamW and autocast; a timed step is loader + host-to-device copy
 + forward + backward + optimiser step. ``uncached`` runs the frozen tower every step; ``cached`` reads its output
 from the safetensors cache (data/feature_cache.py), whose one-off build time is printed too. The two paths are timed
 in alternating rounds in one process (so load from other processes hits both alike) and each path's fastest round
@@ -34,8 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-import engine  # noqa: E402
-import steps  # noqa: E402
+import training  # noqa: E402
+from training import steps  # noqa: E402
 from data import ensure_toy_dataset  # noqa: E402
 from machine import describe_machine  # noqa: E402
 from models import CaptionObjective  # noqa: E402
@@ -79,7 +79,7 @@ def build_config(args, work: Path, toy: dict, cache: str) -> dict:
     import yaml
 
     path.write_text(yaml.safe_dump(content))
-    return engine.load_config(path)
+    return training.load_config(path)
 
 
 def forever(loader):
@@ -96,7 +96,7 @@ def timed_steps(loader_state, captioner, step, optimizer, config, device, count:
     for _ in range(count):
         images, captions, image_ids, _ = next(loader_state)
         images = images.to(device, non_blocking=True)
-        with engine.autocast_context(config, device):
+        with training.autocast_context(config, device):
             loss, _, _ = step(captioner, captioner, images, captions, image_ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,15 +127,15 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     configs = {name: build_config(args, work, toy, mode) for name, mode in (("uncached", "off"), ("cached", "on"))}
     torch.manual_seed(0)
-    captioner = engine.build_captioner(configs["uncached"], device)
+    captioner = training.build_captioner(configs["uncached"], device)
     captioner.train()
-    optimizer = engine.build_optimizer(captioner, configs["uncached"])
+    optimizer = training.build_optimizer(captioner, configs["uncached"])
     step = steps.TeacherForcedStep(CaptionObjective("mle"))
 
     loaders, build_seconds = {}, None
     for name, config in configs.items():
         start = time.perf_counter()
-        loader, _ = engine.build_train_loader(config, captioner)
+        loader, _ = training.build_train_loader(config, captioner)
         if name == "cached":
             build_seconds = time.perf_counter() - start
             cache_file = loader.dataset.cache_file

@@ -21,7 +21,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import steps  # noqa: E402
+from training import steps  # noqa: E402
 from machine import describe_machine  # noqa: E402
 from data import CaptionTrainDataset, caption_collate, ensure_toy_dataset  # noqa: E402
 from imaging import eval_transform  # noqa: E402

@@ -9,7 +9,7 @@ interleaved round-robin, so load from other processes on the machine hits every 
 * ``baseline``: what the repository did before issue 8: fp32, transformers' eager attention, plain (for-each)
   AdamW, full (B, L - 1, V) logits fed to the objective outside the model;
 * ``optimised``: SDPA attention, bf16 autocast and fused AdamW on CUDA (fp32 and plain AdamW on CPU, as the
-  engine does), and the loss computed inside the model (``forward(..., targets=, objective=)``), which for pure
+  the trainer does), and the loss computed inside the model (``forward(..., targets=, objective=)``), which for pure
   SMILE never forms the full logits (models/objectives.py ``smile_from_features``);
 * ``sdpa`` and ``smile_head`` (``--paths``): each optimisation alone, on top of the baseline;
 * ``compiled`` / ``compiled_vision``: ``optimised`` under ``torch.compile`` (``model.compile: full | vision``);
@@ -23,7 +23,7 @@ interleaved round-robin, so load from other processes on the machine hits every 
   it is here to be measured first;
 * ``NAME:mle`` runs a path with MLE instead of the ``--objective``, e.g. ``optimised:mle``.
 
-``--micro-batch M`` runs every path that computes its loss in the model as the engine does with
+``--micro-batch M`` runs every path that computes its loss in the model as the the trainer does with
 ``train.micro_batch_size: M``: the ``--batch`` as micro-batches through ``steps.accumulate_gradients`` (one
 optimiser step per batch); then the "fwd" column holds forward and backward together. The paper's recipe on one
 GPU is ``--batch 256 --micro-batch 64`` (8 GPUs x 32 in the paper).
@@ -76,7 +76,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from machine import describe_machine  # noqa: E402
 from models import BlipCaptioner, CaptionObjective  # noqa: E402
 from models.captioner import resolve_architecture  # noqa: E402
-import steps  # noqa: E402
+from training import steps  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts), FLOP/s.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -186,7 +186,7 @@ class PathRunner:
         pixel_values = images.to(device, non_blocking=True)
         if self.bf16_weights:
             pixel_values = pixel_values.to(torch.bfloat16)
-        if self.micro_batch:  # the engine's unit: tokenising, forward and backward per micro-batch
+        if self.micro_batch:  # the trainer's unit: tokenising, forward and backward per micro-batch
             _sync(device)
             t1 = time.perf_counter()
             captioner.zero_grad(set_to_none=True)
@@ -206,7 +206,7 @@ class PathRunner:
                                         objective=self.objective)
                 else:
                     logits = captioner(pixel_values, input_ids, attention_mask)
-            if not self.config["fused_loss"]:  # as engine.train_one_epoch did: the objective outside autocast
+            if not self.config["fused_loss"]:  # as training.train_one_epoch did: the objective outside autocast
                 loss, _ = self.objective(logits, targets)
             _sync(device)
             t2 = time.perf_counter()
@@ -343,7 +343,7 @@ def main(argv=None):
     parser.add_argument("--paths", default="baseline,optimised,optimised:mle",
                         help=f"comma-separated NAME[:OBJECTIVE], NAME in {list(PATHS)}; ratios are to the first")
     parser.add_argument("--micro-batch", type=int, default=None,
-                        help="run each batch as micro-batches of this size (gradient accumulation, as the engine)")
+                        help="run each batch as micro-batches of this size (gradient accumulation, as the trainer)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

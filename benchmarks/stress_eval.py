@@ -5,9 +5,9 @@
     python benchmarks/stress_eval.py --without-fix            # the image workers as before issue 20's fix
 
 Issue 20: evaluation after training crashed with ``RuntimeError: DataLoader worker (pid N) exited unexpectedly
-with exit code 1`` raised in the main thread, in engine.generate_captions, while the metrics session
+with exit code 1`` raised in the main thread, in training.generate_captions, while the metrics session
 (metrics/suite.py) encoded the GT images in a ThreadPoolExecutor thread. Each iteration here does what
-engine.evaluate_split does, with the tests' tiny CLIP and GPT-2 and generated images: ``prepare_metrics`` (CLIP's
+training.evaluate_split does, with the tests' tiny CLIP and GPT-2 and generated images: ``prepare_metrics`` (CLIP's
 image loader with 2 worker processes starts in a background thread), then the main thread iterates a
 ``num_workers=0`` loader doing CPU work (the captioner's place), then ``session.score`` and ``close``.
 
@@ -84,7 +84,7 @@ def install_sigchld_handler(paths: list[Path], clip_dir: Path) -> None:
 
 
 def one_session(gt: dict, results: list[dict], groups: list[str], options: dict, work_seconds: float) -> None:
-    """engine.evaluate_split's shape: prepare, 'generate' in this thread, score, close."""
+    """training.evaluate_split's shape: prepare, 'generate' in this thread, score, close."""
     with prepare_metrics(gt, groups, **options) as session:
         x = torch.randn(128, 128)
         end = time.perf_counter() + work_seconds

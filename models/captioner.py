@@ -88,7 +88,7 @@ def build_tokenizer(source: str | Path = DEFAULT_TOKENIZER, what: str = "model.t
         what: the config key ``source`` came from, named in the error when it cannot be loaded (hub.py: a hub id
             on a machine without network fails at once, in one line).
     """
-    if source is None:  # the configs' null means "the toy set's vocab", which engine fills in only for data.toy
+    if source is None:  # the configs' null means "the toy set's vocab", which the trainer fills in only for data.toy
         raise ValueError(f"{what} is null: give a hub id (bert-base-uncased), a tokenizer directory or a vocab.txt")
     path = Path(source).expanduser()
     if path.is_file():

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import engine  # noqa: E402
+import training  # noqa: E402
 from models.checkpoint import load_checkpoint_file  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def export(checkpoint: str | Path, output_dir: str | Path) -> Path:
     config = metadata.get("config")
     if not config:
         raise ValueError(f"{checkpoint} carries no config; export needs its model section (arch, image size, ...)")
-    captioner = engine.build_captioner(config, torch.device("cpu"), pretrained=str(checkpoint))
+    captioner = training.build_captioner(config, torch.device("cpu"), pretrained=str(checkpoint))
     return captioner.export_directory(output_dir)
 
 

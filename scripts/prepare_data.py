@@ -284,7 +284,7 @@ def prepare_finecapeval(root: Path, image_root: Path | None, check_only: bool, s
     columns must be there; rows with a missing cell are dropped). Every file its ``image`` column names must exist
     under the image root (default ROOT/images). Unless ``check_only``, writes ROOT/annotations/finecapeval_test.json
     (one ``{"image", "caption": [references]}`` entry per scored image) and finecapeval_test_gt.json (COCO format,
-    integer ids from the file names' trailing digits as for COCO and Flickr30K, plus ``file_name``): the engine's
+    integer ids from the file names' trailing digits as for COCO and Flickr30K, plus ``file_name``): the trainer's
     eval loader uses integer ids, and the finecapeval metric matches images to CSV rows by ``file_name``.
 
     Returns:

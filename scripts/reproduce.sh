@@ -110,12 +110,12 @@ resolved=$(CONFIGS="${CONFIGS[*]}" ROWS="$ROWS" "$PYTHON" - "${OVERRIDES[@]}" <<
 import os
 import sys
 
-import engine
+import training
 
 runs_dir = os.environ.get("RUNS_DIR")
 for row, path in zip(os.environ["ROWS"].split(), os.environ["CONFIGS"].split()):
     overrides = sys.argv[1:] + ([f"output_dir={runs_dir}/{row}"] if runs_dir else [])
-    config = engine.load_config(path, overrides)
+    config = training.load_config(path, overrides)
     print(row, config["output_dir"], config["data"]["image_root"], config["data"]["val_file"], sep="\t")
 EOF
 )
@@ -144,7 +144,7 @@ fi
 
 # The grammar reward's fine-tuned CLIP (scripts/train_grammar_clip.py), before the row that needs it.
 if [[ " $ROWS " == *" scst_clips_grammar "* ]]; then
-  grammar_dir=$("$PYTHON" -c 'import sys, engine; print(engine.load_config(sys.argv[1])["objective"]["scst"]["grammar_model"])' \
+  grammar_dir=$("$PYTHON" -c 'import sys, training; print(training.load_config(sys.argv[1])["objective"]["scst"]["grammar_model"])' \
     "configs/$DATASET/scst_clips_grammar.yaml")
   if [[ ! -f "$grammar_dir/grammar_head.safetensors" ]]; then
     echo "== grammar CLIP: python scripts/train_grammar_clip.py --config configs/grammar_clip/$DATASET.yaml"

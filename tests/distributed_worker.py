@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import engine  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 from train_caption import parse_args  # noqa: E402
 
@@ -37,9 +37,9 @@ def main():
     if os.environ.get("FAIL_RANK"):
         fail_on_rank_at_step(int(os.environ["FAIL_RANK"]), int(os.environ.get("FAIL_STEP", 2)))
     args = parse_args()
-    config = engine.load_config(args.config, args.opt)
+    config = training.load_config(args.config, args.opt)
     utils.setup_logging(config["output_dir"])
-    _, captioner = engine.run_training(engine.resolve_data_paths(config))
+    _, captioner = training.run_training(training.resolve_data_paths(config))
     flat = torch.cat([p.detach().double().flatten() for p in captioner.parameters()])
     checksums = utils.all_gather_object([float(flat.sum()), float((flat * flat).sum())])
     if utils.is_main():

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import engine
+import training
 import train_caption
 import utils
-from checkpointing import LATEST
+from training.checkpoints import LATEST
 from data import ensure_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_run_cli_prints_one_line_and_returns_2_for_user_errors(capsys, monkeypat
     def main(argv):
         raise utils.ConfigError("config x.yaml: unknown key 'train.epochz';\n valid keys: ['epochs']")
 
-    assert utils.run_cli(main, engine.USER_ERRORS, prog="train_caption.py") == 2
+    assert utils.run_cli(main, training.USER_ERRORS, prog="train_caption.py") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("train_caption.py: error: config x.yaml: unknown key 'train.epochz'; valid keys")
@@ -95,14 +95,14 @@ def test_run_cli_keeps_the_traceback_for_unexpected_errors_and_on_request(monkey
         raise RuntimeError("a bug")
 
     with pytest.raises(RuntimeError, match="a bug"):
-        utils.run_cli(broken, engine.USER_ERRORS)
+        utils.run_cli(broken, training.USER_ERRORS)
 
     def user_error(argv):
         raise utils.ConfigError("bad value")
 
     monkeypatch.setenv(utils.TRACEBACK_ENV, "1")
     with pytest.raises(utils.ConfigError, match="bad value"):
-        utils.run_cli(user_error, engine.USER_ERRORS)
+        utils.run_cli(user_error, training.USER_ERRORS)
 
 
 def test_run_cli_under_torchrun_only_rank_0_prints_but_every_rank_exits_2(capsys, monkeypatch):
@@ -112,10 +112,10 @@ def test_run_cli_under_torchrun_only_rank_0_prints_but_every_rank_exits_2(capsys
         raise utils.ConfigError("bad value")
 
     monkeypatch.setenv("RANK", "1")
-    assert utils.run_cli(user_error, engine.USER_ERRORS) == 2
+    assert utils.run_cli(user_error, training.USER_ERRORS) == 2
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
-    assert utils.run_cli(user_error, engine.USER_ERRORS) == 2
+    assert utils.run_cli(user_error, training.USER_ERRORS) == 2
     assert "error: bad value" in capsys.readouterr().err
 
 
@@ -334,8 +334,10 @@ def test_cheap_checks_come_before_any_build(toy, tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("built before the checks")
 
-    for name in ("build_toy_assets", "ensure_pretrained", "build_captioner"):
-        monkeypatch.setattr(engine, name, forbidden)
+    for module in (training.trainer, training.evaluation):  # where run_training and run_evaluation look them up
+        for name in ("build_toy_assets", "ensure_pretrained", "build_captioner"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, forbidden)
     base = _tiny_config(toy, tmp_path, tmp_path / "run")
     cases = [
         (["--resume"], f"--resume: no {LATEST}"),
@@ -347,7 +349,7 @@ def test_cheap_checks_come_before_any_build(toy, tmp_path, monkeypatch):
         (["--opt", "model.prefix.gpt2=null", "--opt", "model.family=prefix"], "model.prefix.gpt2 is not set"),
     ]
     for options, message in cases:
-        with pytest.raises(engine.USER_ERRORS, match=re.escape(message)):
+        with pytest.raises(training.USER_ERRORS, match=re.escape(message)):
             train_caption.main(["--config", str(base), *options])
 
 
@@ -360,7 +362,7 @@ def test_a_toy_config_with_its_data_given_by_hand_names_model_tokenizer(toy, tmp
             "--opt", "data.toy=false", "--opt", f"data.train_files=[{paths['train_file']}]",
             "--opt", f"data.val_file={paths['val_file']}", "--opt", f"data.test_file={paths['test_file']}",
             "--opt", f"data.image_root={paths['image_root']}"]
-    assert utils.run_cli(train_caption.main, engine.USER_ERRORS, argv, prog="train_caption.py") == 2
+    assert utils.run_cli(train_caption.main, training.USER_ERRORS, argv, prog="train_caption.py") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.tokenizer is null" in err and "data.toy is false" in err
     assert "vocab.txt" in err and "bert-base-uncased" in err

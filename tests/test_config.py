@@ -1,7 +1,7 @@
 """Config files: inheritance, overrides, and failing early on typos and wrong types."""
 import pytest
 
-import engine
+import training
 from utils import ConfigError, load_yaml_with_bases, parse_override
 
 
@@ -13,7 +13,7 @@ def _write(path, text):
 def test_inheritance_and_dotted_overrides(tmp_path):
     parent = _write(tmp_path / "parent.yaml", "objective: mle\ntrain:\n  epochs: 3\n  lr: 0.001\n")
     child = _write(tmp_path / "child.yaml", "base: parent.yaml\nobjective: smile\ntrain:\n  epochs: 1\n")
-    config = engine.load_config(child, ["train.batch_size=8", "objective={mle: 0.01, smile: 0.99}"])
+    config = training.load_config(child, ["train.batch_size=8", "objective={mle: 0.01, smile: 0.99}"])
     assert config["objective"] == {"mle": 0.01, "smile": 0.99}
     assert config["train"]["epochs"] == 1 and config["train"]["lr"] == 0.001 and config["train"]["batch_size"] == 8
     assert config["eval"]["num_beams"] == 3  # from configs/default.yaml
@@ -36,11 +36,11 @@ def test_inheritance_and_dotted_overrides(tmp_path):
 def test_bad_keys_and_types_fail_listing_valid_choices(tmp_path, override, message):
     config = _write(tmp_path / "c.yaml", "objective: mle\n")
     with pytest.raises(ConfigError, match=message):
-        engine.load_config(config, [override])
+        training.load_config(config, [override])
 
 
 def test_float_keys_accept_ints_and_exponent_strings(tmp_path):
-    config = engine.load_config(_write(tmp_path / "c.yaml", "train:\n  lr: 1e-4\n"), ["train.min_lr=0"])
+    config = training.load_config(_write(tmp_path / "c.yaml", "train:\n  lr: 1e-4\n"), ["train.min_lr=0"])
     assert config["train"]["lr"] == 1e-4 and isinstance(config["train"]["min_lr"], float)
 
 
@@ -54,11 +54,11 @@ def test_override_parsing():
 
 def test_missing_file_and_inheritance_loop_are_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
-        engine.load_config(tmp_path / "nope.yaml")
+        training.load_config(tmp_path / "nope.yaml")
     _write(tmp_path / "a.yaml", "base: b.yaml\n")
     _write(tmp_path / "b.yaml", "base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
-        engine.load_config(tmp_path / "a.yaml")
+        training.load_config(tmp_path / "a.yaml")
 
 
 def test_every_shipped_config_validates():
@@ -68,4 +68,4 @@ def test_every_shipped_config_validates():
     # configs/grammar_clip/ holds scripts/train_grammar_clip.py's own settings (tests/test_train_grammar_clip.py).
     for path in sorted(configs.rglob("*.yaml")):
         if path.parent.name != "grammar_clip":
-            engine.load_config(path)
+            training.load_config(path)

@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-import engine
+import training
 import utils
 
 
@@ -76,8 +76,8 @@ def test_a_bad_cpu_threads_is_a_config_error(fresh_policy, value):
 
 
 def test_cpu_threads_is_a_config_key():
-    assert engine.load_config("configs/toy/pretrain.yaml", ["cpu_threads=2"])["cpu_threads"] == 2
-    assert engine.load_config("configs/toy/pretrain.yaml")["cpu_threads"] is None
+    assert training.load_config("configs/toy/pretrain.yaml", ["cpu_threads=2"])["cpu_threads"] == 2
+    assert training.load_config("configs/toy/pretrain.yaml")["cpu_threads"] is None
 
 
 class _ThreadsSeen(torch.utils.data.Dataset):
@@ -92,6 +92,6 @@ def test_a_dataloader_worker_runs_one_thread(fresh_policy):
     """torch sets 1 thread in every DataLoader worker itself (its _worker_loop), whatever the main process uses,
     which is why the policy counts a worker as one CPU and the project's loaders need no worker_init_fn."""
     torch.set_num_threads(2)
-    loader, _ = engine._loader(_ThreadsSeen(), 2, False, lambda batch: batch, {"data": {"num_workers": 1}})
+    loader, _ = training._loader(_ThreadsSeen(), 2, False, lambda batch: batch, {"data": {"num_workers": 1}})
     assert [n for batch in loader for n in batch] == [1, 1, 1, 1]
     assert torch.get_num_threads() == 2

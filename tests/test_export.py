@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-import engine
+import training
 import train_caption
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,11 +27,11 @@ def test_export_reloads_with_stock_classes_and_captions_identically(tmp_path):
                    check=True, capture_output=True, cwd=REPO)
 
     # Captions as eval_caption.py makes them.
-    config = engine.resolve_data_paths(engine.load_config(REPO / "configs" / "toy" / "pretrain.yaml", options))
+    config = training.resolve_data_paths(training.load_config(REPO / "configs" / "toy" / "pretrain.yaml", options))
     config["eval"]["max_images"] = 16
-    captioner = engine.build_captioner(config, torch.device("cpu"), pretrained=str(checkpoint))
-    loader, _ = engine.build_eval_loader(config, "val", captioner.eval_transform())
-    ours = {row["image_id"]: row["caption"] for row in engine.generate_captions(captioner, loader, config, torch.device("cpu"))}
+    captioner = training.build_captioner(config, torch.device("cpu"), pretrained=str(checkpoint))
+    loader, _ = training.build_eval_loader(config, "val", captioner.eval_transform())
+    ours = {row["image_id"]: row["caption"] for row in training.generate_captions(captioner, loader, config, torch.device("cpu"))}
 
     # The same images and decoding settings through stock transformers only.
     model = BlipForConditionalGeneration.from_pretrained(out).eval()

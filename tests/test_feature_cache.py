@@ -1,4 +1,4 @@
-"""Cached frozen image features (data/feature_cache.py and engine.cached_feature_dataset): a cached step is the
+"""Cached frozen image features (data/feature_cache.py and training.cached_feature_dataset): a cached step is the
 uncached step, the cache is built once and rebuilt when the training set or an image changes, and the config
 decides when caching is possible."""
 import json
@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-import engine
+import training
 import utils
 from data import CaptionTrainDataset, caption_collate
 from data.feature_cache import CachedFeatureDataset, ensure_feature_cache, read_cache_metadata
@@ -198,7 +198,7 @@ def _config(tmp_path, tokenizer_dir, root, annotation_file, *overrides, family="
         "model": model, "train": {"batch_size": 4},
         "data": {"image_root": str(root), "train_files": [str(annotation_file)], "num_workers": 0, "augment": False,
                  "feature_cache_dir": str(tmp_path / "features")}}))
-    return engine.load_config(path, list(overrides))
+    return training.load_config(path, list(overrides))
 
 
 def test_the_config_decides_when_features_are_cached(tokenizer_dir, images, tmp_path, caplog):
@@ -206,53 +206,53 @@ def test_the_config_decides_when_features_are_cached(tokenizer_dir, images, tmp_
     caplog.set_level(logging.INFO, logger="smile_blip")
     config = _config(tmp_path, tokenizer_dir, root, annotation_file)
     torch.manual_seed(0)
-    captioner = engine.build_captioner(config, torch.device("cpu"))
-    loader, _ = engine.build_train_loader(config, captioner)
+    captioner = training.build_captioner(config, torch.device("cpu"))
+    loader, _ = training.build_train_loader(config, captioner)
     assert isinstance(loader.dataset, CachedFeatureDataset)
     assert next(iter(loader))[0].shape == (4, 24)  # pooled features, not pixels
 
     for off in ("off", "false"):
-        loader, _ = engine.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file,
+        loader, _ = training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file,
                                                       f"data.feature_cache={off}"), captioner)
         assert isinstance(loader.dataset, CaptionTrainDataset)
 
     caplog.clear()
     augmented = _config(tmp_path, tokenizer_dir, root, annotation_file, "data.augment=true")
-    loader, _ = engine.build_train_loader(augmented, captioner)
+    loader, _ = training.build_train_loader(augmented, captioner)
     assert isinstance(loader.dataset, CaptionTrainDataset)
     lines = [r.getMessage() for r in caplog.records if "feature_cache" in r.getMessage()]
     assert len(lines) == 1 and "because data.augment is true" in lines[0]
     with pytest.raises(utils.ConfigError, match="data.augment is true"):
-        engine.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, "data.augment=true",
+        training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, "data.augment=true",
                                           "data.feature_cache=on"), captioner)
 
     clip_reward = ["objective={scst: {reward: {clip_s: 1.0, cider_d: 1.0}}}"]
-    loader, _ = engine.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, *clip_reward),
+    loader, _ = training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, *clip_reward),
                                           captioner)
     assert isinstance(loader.dataset, CaptionTrainDataset)
     with pytest.raises(utils.ConfigError, match="CLIP reward"):
-        engine.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, *clip_reward,
+        training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, *clip_reward,
                                           "data.feature_cache=on"), captioner)
 
     trained_tower = _config(tmp_path, tokenizer_dir, root, annotation_file, "model.prefix.train_vision=true",
                             "data.feature_cache=on")
-    one_stage = engine.build_captioner(trained_tower, torch.device("cpu"))
+    one_stage = training.build_captioner(trained_tower, torch.device("cpu"))
     assert one_stage.cached_feature_key("x") is None
     with pytest.raises(utils.ConfigError, match="train_vision"):
-        engine.build_train_loader(trained_tower, one_stage)
+        training.build_train_loader(trained_tower, one_stage)
 
 
 def test_blip_is_never_cached(tokenizer_dir, images, tmp_path, caplog):
     root, _, annotation_file = images
     caplog.set_level(logging.INFO, logger="smile_blip")
     config = _config(tmp_path, tokenizer_dir, root, annotation_file, family="blip")
-    captioner = engine.build_captioner(config, torch.device("cpu"))
+    captioner = training.build_captioner(config, torch.device("cpu"))
     assert captioner.cached_feature_key(repr(captioner.eval_transform())) is None
-    loader, _ = engine.build_train_loader(config, captioner)
+    loader, _ = training.build_train_loader(config, captioner)
     assert isinstance(loader.dataset, CaptionTrainDataset)
     assert not [r for r in caplog.records if "feature_cache" in r.getMessage()]  # BLIP is not told each run
     with pytest.raises(utils.ConfigError, match="model.family blip"):
-        engine.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, "data.feature_cache=on",
+        training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, "data.feature_cache=on",
                                           family="blip"), captioner)
     assert not (tmp_path / "features").exists()
 

@@ -415,13 +415,13 @@ def test_cuda_pipeline_matches_pil(image_files):
             assert difference.mean() < 1.0 and difference.max() <= 8, (kind, difference.mean(), difference.max())
 
 
-# ------------------------------------------------------------------------------------------ engine
+# ------------------------------------------------------------------------------------------ training
 
 
 def test_engine_loader_with_augment_on_device_gives_the_pil_loaders_batches(train_set, tmp_path):
-    """``data.augment_on: device`` through engine.build_train_loader: the batches arrive encoded, and the training
+    """``data.augment_on: device`` through training.build_train_loader: the batches arrive encoded, and the training
     loop's ``images.to(device)`` turns them into the workers path's images (same seed, same order, same draws)."""
-    import engine
+    import training
     from models import BlipCaptioner
     from tests.conftest import FIXTURES
 
@@ -433,8 +433,8 @@ def test_engine_loader_with_augment_on_device_gives_the_pil_loaders_batches(trai
               "train.batch_size=4", "data.min_scale=0.5"]
     batches = {}
     for where in ("workers", "device"):
-        config = engine.load_config(config_file, [*common, f"data.augment_on={where}"])
-        loader, sampler = engine.build_train_loader(config, captioner)
+        config = training.load_config(config_file, [*common, f"data.augment_on={where}"])
+        loader, sampler = training.build_train_loader(config, captioner)
         sampler.set_epoch(0)
         torch.manual_seed(0)
         batches[where] = list(loader)

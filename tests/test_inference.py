@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpointing
-import engine
+from training import checkpoints
+import training
 from models import BlipCaptioner, Captioner, CheckpointError
 from models.checkpoint import save_transformers_directory
 from imaging import eval_transform
@@ -18,18 +18,18 @@ def toy_checkpoint(tmp_path_factory):
     """A randomly initialised toy-config captioner saved as a training checkpoint, and its resolved config."""
     root = tmp_path_factory.mktemp("inference")
     options = [f"data.toy_root={root / 'toy'}", "data.num_workers=0", "eval.max_images=6", "eval.batch_size=4"]
-    config = engine.resolve_data_paths(engine.load_config(REPO / "configs" / "toy" / "pretrain.yaml", options))
+    config = training.resolve_data_paths(training.load_config(REPO / "configs" / "toy" / "pretrain.yaml", options))
     torch.manual_seed(3)
-    captioner = engine.build_captioner(config, torch.device("cpu"), pretrained=None, load_weights=False)
+    captioner = training.build_captioner(config, torch.device("cpu"), pretrained=None, load_weights=False)
     path = root / "checkpoint_best.safetensors"
-    checkpointing.save_training_checkpoint(path, captioner.model, None, config, checkpointing.TrainProgress())
+    checkpoints.save_training_checkpoint(path, captioner.model, None, config, checkpoints.TrainProgress())
     return path, config, captioner
 
 
 def test_training_checkpoint_captions_equal_eval_caption(toy_checkpoint):
     path, config, captioner = toy_checkpoint
-    loader, _ = engine.build_eval_loader(config, "val", captioner.eval_transform())
-    expected = [row["caption"] for row in engine.generate_captions(captioner, loader, config, torch.device("cpu"))]
+    loader, _ = training.build_eval_loader(config, "val", captioner.eval_transform())
+    expected = [row["caption"] for row in training.generate_captions(captioner, loader, config, torch.device("cpu"))]
     api = Captioner.from_pretrained(path, device="cpu")
     assert api.generation["max_length"] == config["eval"]["max_length"]  # decoding from the checkpoint's config
     dataset = loader.dataset.dataset  # a Subset: eval.max_images
@@ -82,7 +82,7 @@ def test_moved_checkpoint_asks_for_its_tokenizer(toy_checkpoint, tmp_path):
     _, config, captioner = toy_checkpoint
     moved = dict(config, model=dict(config["model"], tokenizer="/elsewhere/toy/vocab.txt"))
     path = tmp_path / "moved.safetensors"
-    checkpointing.save_training_checkpoint(path, captioner.model, None, moved, checkpointing.TrainProgress())
+    checkpoints.save_training_checkpoint(path, captioner.model, None, moved, checkpoints.TrainProgress())
     with pytest.raises(CheckpointError, match="tokenizer="):
         Captioner.from_pretrained(path, device="cpu")
     api = Captioner.from_pretrained(path, device="cpu", tokenizer=config["model"]["tokenizer"])

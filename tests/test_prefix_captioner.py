@@ -316,15 +316,15 @@ def test_convert_script_writes_a_loadable_directory(gpt2_dir, clipcap_fixture, t
 def test_a_prefix_config_builds_through_the_engine(gpt2_dir, tmp_path):
     import yaml
 
-    import engine
+    import training
 
     gpt = dict(vocab_size=453, n_positions=64, n_embd=32, n_layer=1, n_head=2)
     config_file = tmp_path / "prefix.yaml"
     config_file.write_text(yaml.safe_dump({"model": {"family": "prefix", "max_text_length": 20, "prefix": {
         "gpt2": gpt, "clip": {**TINY_CLIP, "projection_dim": 24}, "tokenizer": str(gpt2_dir),
         "mapping_type": "transformer", "prefix_length": 4, "clip_length": 2, "num_layers": 1, "only_prefix": True}}}))
-    config = engine.load_config(config_file)
-    captioner = engine.build_captioner(config, torch.device("cpu"))
+    config = training.load_config(config_file)
+    captioner = training.build_captioner(config, torch.device("cpu"))
     assert isinstance(captioner, PrefixCaptioner) and captioner.image_size == 32
     assert captioner.config.clip_length == 2 and captioner.config.prefix_size == 24 and captioner.config.only_prefix
     ids, mask = captioner.tokenize(["A cat.", "Two dogs!"])
@@ -332,6 +332,6 @@ def test_a_prefix_config_builds_through_the_engine(gpt2_dir, tmp_path):
                             objective=CaptionObjective({"mle": 0.1, "smile": 0.9}))
     assert torch.isfinite(loss) and set(parts) == {"mle", "smile"}
     captioner.eval()
-    assert len(captioner.generate(_pixels(2), **engine.generation_options(config))) == 2
+    assert len(captioner.generate(_pixels(2), **training.generation_options(config))) == 2
     with pytest.raises(Exception, match="model.family"):
-        engine.load_config(config_file, ["model.family=clipcap"])
+        training.load_config(config_file, ["model.family=clipcap"])

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import engine
+import training
 import eval_caption
 import models
 import train_caption
 import utils
-from checkpointing import LATEST, RunExistsError
+from training.checkpoints import LATEST, RunExistsError
 from data import AnnotationError, CaptionEvalDataset, ImageLoadError, build_coco_gt, ensure_toy_dataset
 from imaging import open_rgb, to_rgb
 from models.checkpoint import load_checkpoint_file, looks_like_hub_id, read_state_dict, save_checkpoint_file
@@ -103,7 +103,7 @@ def _inject_nan_at_call(monkeypatch, call):
 def test_nonfinite_loss_stops_naming_step_and_images_and_keeps_last_checkpoint(toy, tmp_path, monkeypatch):
     _inject_nan_at_call(monkeypatch, 3)
     run = tmp_path / "run"
-    with pytest.raises(engine.NonFiniteLossError, match=r"step 3 .*image ids of the batch: \[\d+(, \d+){7}\]"):
+    with pytest.raises(training.NonFiniteLossError, match=r"step 3 .*image ids of the batch: \[\d+(, \d+){7}\]"):
         train_caption.main(["--config", PRETRAIN, *_opts(toy, run, "data.train_bad_images=skip")])
     _, _, metadata = load_checkpoint_file(run / LATEST)
     assert metadata["progress"]["global_step"] == 2  # the last good state, from before the bad step
@@ -262,12 +262,12 @@ def test_failed_test_scoring_keeps_the_run_and_the_same_command_only_scores(toy,
     run = tmp_path / "run"
     options = ["--config", PRETRAIN, *_opts(toy, run, "train.test_after_training=true", "eval.metrics=[length]",
                                             "resume=auto")]
-    score_test = engine.evaluate_split
+    score_test = training.evaluate_split
 
     def crash(*args, **kwargs):
         raise RuntimeError("DataLoader worker (pid 4242) exited unexpectedly with exit code 1")
 
-    monkeypatch.setattr(engine, "evaluate_split", crash)
+    monkeypatch.setattr(training.trainer, "evaluate_split", crash)
     with pytest.raises(RuntimeError, match="exited unexpectedly"):
         train_caption.main(options)
     assert "running the same command again (resume: auto, or --resume) scores it" in (run / "train.log").read_text()
@@ -277,8 +277,8 @@ def test_failed_test_scoring_keeps_the_run_and_the_same_command_only_scores(toy,
     trained = [r["step"] for r in records if r["kind"] == "train"]
     assert trained and not [r for r in records if r["kind"] == "test"]
 
-    monkeypatch.setattr(engine, "evaluate_split", score_test)
-    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: pytest.fail("the finished run trained again"))
+    monkeypatch.setattr(training.trainer, "evaluate_split", score_test)
+    monkeypatch.setattr(training.trainer, "train_one_epoch", lambda *a, **k: pytest.fail("the finished run trained again"))
     summary = train_caption.main(options)
     assert summary["steps"] == max(trained) and summary["test"]["num_images"] == 6
     assert json.loads((run / "test_metrics.json").read_text()) == summary["test"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpointing import LATEST
+from training.checkpoints import LATEST
 from data import ensure_toy_dataset
 from models.checkpoint import load_checkpoint_file
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-import steps
+from training import steps
 from models import IGNORE_INDEX, CaptionObjective
 from models.objectives import PolicyGradientObjective, policy_gradient_loss, sequence_token_log_probs
 from tests.conftest import FIXTURES

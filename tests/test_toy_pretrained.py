@@ -110,13 +110,13 @@ def test_word_level_tokenizer_rejects_a_special_that_is_a_word():
 
 
 def test_prefix_captioners_and_scst_rewards_also_ask_for_the_toy_models():
-    import engine
+    import training
     from toy_pretrained import _needs
 
     configs = Path(__file__).resolve().parents[1] / "configs" / "toy"
-    prefix = engine.load_config(configs / "prefix_mle.yaml", ["eval.metrics=[coco]"])
+    prefix = training.load_config(configs / "prefix_mle.yaml", ["eval.metrics=[coco]"])
     assert _needs(prefix) == {"clip": {"cache/toy_clip"}, "gpt2": {"cache/toy_gpt2"}}
-    scst = engine.load_config(configs / "scst_clips.yaml", ["eval.metrics=[coco]"])
+    scst = training.load_config(configs / "scst_clips.yaml", ["eval.metrics=[coco]"])
     assert _needs(scst) == {"clip": {"cache/toy_clip"}, "gpt2": set()}
-    cider = engine.load_config(configs / "scst_cider.yaml", ["eval.metrics=[coco]"])
+    cider = training.load_config(configs / "scst_cider.yaml", ["eval.metrics=[coco]"])
     assert _needs(cider) == {"clip": set(), "gpt2": set()}

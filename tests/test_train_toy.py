@@ -116,7 +116,7 @@ def test_two_process_scst_mixed_with_smile_keeps_the_ranks_in_sync(tmp_path):
 def test_pretraining_recipe_trains_into_the_named_folder_with_the_runs_seed(tmp_path, monkeypatch):
     """scripts/reproduce.sh runs each seed from its own toy pre-trained model: `seed=1
     model.pretrained=<dir>/checkpoint_best.safetensors` trains the recipe with seed 1 into <dir>."""
-    import engine
+    import training
 
     trained = []
 
@@ -125,12 +125,12 @@ def test_pretraining_recipe_trains_into_the_named_folder_with_the_runs_seed(tmp_
         Path(config["output_dir"], "checkpoint_best.safetensors").parent.mkdir(parents=True)
         Path(config["output_dir"], "checkpoint_best.safetensors").write_bytes(b"")
 
-    monkeypatch.setattr(engine, "run_training", fake_run_training)
+    monkeypatch.setattr(training.trainer, "run_training", fake_run_training)
     target = tmp_path / "toy_pretrain_seed1" / "checkpoint_best.safetensors"
-    config = engine.load_config(REPO / "configs" / "toy" / "mle.yaml",
+    config = training.load_config(REPO / "configs" / "toy" / "mle.yaml",
                                 ["seed=1", f"model.pretrained={target}", f"model.pretrained_recipe={PRETRAIN}"])
-    engine.ensure_pretrained(config)
+    training.ensure_pretrained(config)
     assert len(trained) == 1 and trained[0]["seed"] == 1
     assert Path(trained[0]["output_dir"]) == target.parent and trained[0]["resume"] == "auto"
-    engine.ensure_pretrained(config)  # the checkpoint exists now: nothing is trained again
+    training.ensure_pretrained(config)  # the checkpoint exists now: nothing is trained again
     assert len(trained) == 1

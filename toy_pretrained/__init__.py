@@ -4,7 +4,7 @@ The toy "pre-trained" BLIP is a training recipe (configs/toy/pretrain.yaml); the
 not metrics, so they live here, beside both: ``toy_pretrained.clip`` and ``toy_pretrained.gpt2`` each train a
 tiny transformers model on the toy train split and save it, with its tokenizer, as an ordinary transformers
 directory that metrics/ loads like a hub model. `ensure_for_config` is what the toy flow calls
-(engine.resolve_data_paths).
+(training.resolve_data_paths).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _needs(config: dict) -> dict[str, set]:
 def built_on_first_use(config: dict, source: str | Path) -> bool:
     """Whether `ensure_for_config` builds (or checks) the folder ``source`` for this config: ``data.toy`` is set
     and the folder sits beside ``data.toy_root`` and is missing or holds a build of ours (a ``manifest.json``).
-    Early checks (engine.check_inputs) leave such a folder alone: it need not exist yet, and is no hub id."""
+    Early checks (training.check_inputs) leave such a folder alone: it need not exist yet, and is no hub id."""
     if not config["data"]["toy"] or isinstance(source, dict):
         return False
     folder = Path(source).absolute()

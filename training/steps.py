@@ -1,5 +1,5 @@
 """Training steps: what one batch contributes to the loss. The epoch loop, logging, checkpoints and resume are
-shared (engine.train_one_epoch); a kind of step is one small class with one signature::
+shared (training.train_one_epoch); a kind of step is one small class with one signature::
 
     step(model, captioner, images, captions, image_ids) -> (loss, parts, stats)
 
