@@ -2,7 +2,7 @@
 the DataLoader as the trainer builds it, against the rate a GPU consumes.
 
     python benchmarks/bench_loader.py                                  # COCO-sized JPEGs, 384 px
-    python benchmarks/bench_loader.py --workers 1,2 --gpu-rate 473     # images/s one H100 trains at (README)
+    python benchmarks/bench_loader.py --workers 1,2 --gpu-rate 473     # images/s one H100 trains at (docs/performance.md)
     python benchmarks/bench_loader.py --sections e2e --e2e-images 512 --workers 4,8 --batch-size 64  # on a GPU
 
 Images: ``--images`` synthetic JPEGs of ``--source-size`` (default 640x480, COCO's most common size, quality
@@ -55,10 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe_machine  # noqa: E402
 
 import training  # noqa: E402
-from data import CaptionTrainDataset, build_eval_transform, build_train_transform, caption_collate  # noqa: E402
+from data import CaptionTrainDataset, build_train_transform, caption_collate  # noqa: E402
 from data.gpu_augment import build_device_pipeline  # noqa: E402
 from data.transforms import BlipRandAugment  # noqa: E402
-from imaging import CLIP_MEAN, CLIP_STD  # noqa: E402
+from imaging import CLIP_MEAN, CLIP_STD, eval_transform  # noqa: E402
 
 
 def make_jpegs(directory: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
@@ -108,7 +108,7 @@ def stage_table(paths: list[Path], image_size: int, min_scale: float, repeats: i
             ("RandAugment(2, 5)", time_per_image(augment, cropped, repeats)),
             ("ToTensor + Normalize", time_per_image(to_tensor, cropped, repeats))]
     rows.append(("train transform (decode + all)", time_per_image(lambda p: train(decode(p)), paths, repeats)))
-    evaluation = build_eval_transform(image_size)
+    evaluation = eval_transform(image_size)
     rows.append(("eval transform (decode + resize)", time_per_image(lambda p: evaluation(decode(p)), paths, repeats)))
     return rows
 
@@ -118,7 +118,7 @@ def loader_rate(root: Path, annotation: Path, image_size: int, workers: int, bat
     """Images/s of the trainer's training DataLoader with ``workers`` processes (after one warm-up batch)."""
     dataset = CaptionTrainDataset(annotation, root, build_train_transform(image_size, randaugment=randaugment))
     config = {"data": {"num_workers": workers}, "train": {"batch_size": batch_size}, "seed": 0}
-    loader, _ = training._loader(dataset, batch_size, True, caption_collate, config, seed=0)
+    loader, _ = training.loaders._loader(dataset, batch_size, True, caption_collate, config, seed=0)
     iterator = iter(loader)
     next(iterator)
     start, seen = time.perf_counter(), 0
@@ -148,10 +148,10 @@ def e2e_rate(root: Path, annotation: Path, image_size: int, workers: int, batch_
         transform, collate = pipeline.worker_transform, pipeline.collate
 
         def to_device(images):
-            return pipeline.on_device(images, device)
+            return images.to(device)
     dataset = CaptionTrainDataset(annotation, root, transform)
     config = {"data": {"num_workers": workers}, "train": {"batch_size": batch_size}, "seed": 0}
-    loader, _ = training._loader(dataset, batch_size, True, collate, config, seed=0)
+    loader, _ = training.loaders._loader(dataset, batch_size, True, collate, config, seed=0)
     iterator = iter(loader)
     to_device(next(iterator)[0])
     _synchronize(device)
@@ -173,12 +173,12 @@ def device_step_rate(root: Path, annotation: Path, image_size: int, batch_size: 
                 for b in range(batches + 1)]
     if device.type == "cuda":
         collated = [batch.pin_memory() for batch in collated]
-    pipeline.on_device(collated[0], device)
+    collated[0].to(device)
     _synchronize(device)
     times = []
     for batch in collated[1:]:
         start = time.perf_counter()
-        pipeline.on_device(batch, device)
+        batch.to(device)
         _synchronize(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
@@ -257,7 +257,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=6,
                         help="timed batches of 32 per worker count (at most 5 x --images / 32 - 1)")
     parser.add_argument("--gpu-rate", type=float, default=473.0,
-                        help="images/s the GPU trains at (default: BLIP-base 384 px, compiled, one H100; README)")
+                        help="images/s the GPU trains at (default: BLIP-base 384 px, compiled, one H100; docs/performance.md)")
     parser.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size (loader and e2e)")
     parser.add_argument("--randaugment", action=argparse.BooleanOptionalAction, default=True,
                         help="BLIP's RandAugment in the loader and e2e sections (the stage table always times it)")

@@ -22,7 +22,7 @@ of 30 (toy_pretrained/clip.py's recipe default). It checks the benchmark, not th
 Printed: the machine, the load average before each leg, each leg's wall time, the thread decision it logged,
 its stages (toy data, toy CLIP and toy GPT-2 as their builders report them; pre-training from its first to the
 fine-tune's "objective" log line; fine-tune and test from there to the end), and the ratio as written /
-OMP_NUM_THREADS=1 (issue 20's target: at most 1.3 on a loaded machine).
+OMP_NUM_THREADS=1 (the target: at most 1.3 on a loaded machine).
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ run_part generate bash -c "'$PYTHON' benchmarks/bench_generate.py --preset base 
   --implementations sdpa --repeats 1 --total-images 5000"
 run_part train "$PYTHON" benchmarks/bench_train.py --preset base --image-size 384 --batch 32 \
   --paths baseline,optimised,optimised:mle,compiled
-# Issue 16: the paper's recipe (global batch 256) on one GPU by gradient accumulation, with bf16 weights and fp32
+# The paper's recipe (global batch 256) on one GPU by gradient accumulation, with bf16 weights and fp32
 # master weights against autocast; MFU against the datasheet peak. First at batch 32 against the original path
 # (the x column is the 8x target), then at batch 256 in micro-batches of 64 and 128.
 run_part recipe bash -c "'$PYTHON' benchmarks/bench_train.py --preset base --image-size 384 --batch 32 \

@@ -4,7 +4,7 @@
 #   NPROC      processes on this node (default: all visible GPUs, or 1 without CUDA)
 #   FORCE_TORCHRUN=1  launch through torchrun even for a single process (which otherwise runs as plain python)
 #   NNODES     nodes (default 1). With NNODES > 1 also set NODE_RANK, MASTER_ADDR and MASTER_PORT on every
-#              node; torchrun's c10d rendezvous joins them (see README, "Multi-node").
+#              node; torchrun's c10d rendezvous joins them (see docs/training.md, "Multi-node").
 # Run from the repository root or anywhere: the script moves there, so config paths are relative to it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 """Tests for toy_pretrained/: the toy CLIP and GPT-2 build, cache, load through metrics/, and are wired in.
 
 Tiny recipes on a handful of toy images, so each build takes a second or two; the real recipes' quality (the
-toy CLIP's retrieval, the toy GPT-2's perplexities) is measured by the builds themselves (README, Toy study).
+toy CLIP's retrieval, the toy GPT-2's perplexities) is measured by the builds themselves (docs/toy_study.md).
 """
 import dataclasses
 from pathlib import Path
