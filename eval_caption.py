@@ -20,12 +20,13 @@ Both write a histogram of the caption lengths as a PNG after the metrics (a plot
 folder of --out (default: of the results file).
 """
 import argparse
-import sys
 import json
+import sys
 from pathlib import Path
 
 import training
 import utils
+from metrics.registry import ALL_METRICS, DEFAULT_METRICS
 
 
 def parse_args(argv=None):
@@ -43,9 +44,9 @@ def parse_args(argv=None):
     file_mode.add_argument("--images-root", help="folder holding the GT's file_name paths (image metrics)")
     file_mode.add_argument("--instances", metavar="INSTANCES.json", help="COCO instances_{train,val}2014.json, "
                            "for --metrics chair / chair_corrected (object hallucination)")
-    file_mode.add_argument("--metrics", help="comma-separated metric groups (default: the paper's, coco,length,"
-                           "diversity,retrieval,clipscore,ppl; retrieval and clipscore need --images-root and share "
-                           "one CLIP pass over the images)")
+    file_mode.add_argument("--metrics", help=f"comma-separated metric groups from {', '.join(ALL_METRICS)} (default: "
+                           f"the paper's, {','.join(DEFAULT_METRICS)}; retrieval and clipscore need --images-root and "
+                           "share one CLIP pass over the images)")
     file_mode.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
     file_mode.add_argument("--ppl-model", default="gpt2")
     file_mode.add_argument("--out", help="write the metrics JSON here")
@@ -65,18 +66,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.results:
         from metrics.plots import length_plot_path, plot_caption_lengths_or_warn
-        from metrics.suite import score_results_file
+        from metrics.suite import MetricOptions, score_results_file
 
         utils.setup_logging()
-        groups = args.metrics.split(",") if args.metrics else None
+        groups = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
         training.check_scoring_inputs(  # before any scoring starts
-            {"--results": args.results, "--annotations": args.annotations, "--finecapeval": args.finecapeval},
-            args.images_root, groups, args.clip_model, args.ppl_model)
-        metrics = score_results_file(
-            args.results, args.annotations, images_root=args.images_root, metrics=groups,
-            clip_model=args.clip_model, ppl_model=args.ppl_model, out=args.out, finecapeval=args.finecapeval,
-            instances=args.instances,
-        )
+            {"--results": args.results, "--annotations": args.annotations, "--finecapeval": args.finecapeval,
+             "--instances": args.instances}, args.images_root, groups, args.clip_model, args.ppl_model)
+        options = MetricOptions(images_root=args.images_root, clip_model=args.clip_model, ppl_model=args.ppl_model,
+                                finecapeval=args.finecapeval, instances=args.instances)
+        metrics = score_results_file(args.results, args.annotations, groups, options, out=args.out)
         print(json.dumps(metrics, indent=2))
         plot = args.length_plot or length_plot_path(args.results, Path(args.out).parent if args.out else None)
         plot_caption_lengths_or_warn(args.results, plot, run=Path(args.results).stem)

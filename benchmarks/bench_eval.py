@@ -63,8 +63,8 @@ from bench_train import synthetic_vocab  # noqa: E402
 from imaging import eval_transform, open_rgb  # noqa: E402
 from machine import describe_machine  # noqa: E402
 from metrics import (  # noqa: E402
-    caption_length, compute_metrics, encode_images, gpt2_perplexity, java_available, lexical_diversity, load_clip,
-    load_language_model, prepare_metrics, ref_clip_score, self_retrieval,
+    MetricOptions, caption_length, compute_metrics, encode_images, gpt2_perplexity, java_available, lexical_diversity,
+    load_clip, load_language_model, prepare_metrics, ref_clip_score, self_retrieval,
 )
 from metrics.coco import BLEU_KEYS, default_meteor_processes, fallback_tokenize, ptb_tokenize, \
     references_by_image  # noqa: E402
@@ -231,10 +231,10 @@ def legacy_metrics(results, gt, images_root: Path, clip_dir, gpt2_dir, device, t
 
 def run_mode(mode: str, generator: Generator, paths, gt, results, images_root, clip_dir, gpt2_dir, device, args):
     timings: dict[str, float] = {}
-    options = dict(images_root=images_root, clip_model=clip_dir, ppl_model=gpt2_dir, device=device, progress=False,
-                   meteor_processes=args.meteor_processes)
+    options = MetricOptions(images_root=images_root, clip_model=clip_dir, ppl_model=gpt2_dir, device=device,
+                            progress=False, meteor_processes=args.meteor_processes)
     start = time.perf_counter()
-    session = prepare_metrics(gt, PAPER_METRICS, **options) if mode == "overlapped" else None
+    session = prepare_metrics(gt, PAPER_METRICS, options) if mode == "overlapped" else None
     try:
         generated_at = time.perf_counter()
         generator.run(paths)
@@ -243,7 +243,7 @@ def run_mode(mode: str, generator: Generator, paths, gt, results, images_root, c
         if mode == "legacy":
             scores = legacy_metrics(results, gt, images_root, clip_dir, gpt2_dir, device, timings)
         elif mode == "sequential":
-            scores = compute_metrics(results, gt, PAPER_METRICS, overlap=False, timings=timings, **options)
+            scores = compute_metrics(results, gt, PAPER_METRICS, options, timings=timings, overlap=False)
         else:
             scores = session.score(results, timings=timings)
     finally:

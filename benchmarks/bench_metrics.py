@@ -27,7 +27,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from metrics import caption_perplexities, compute_metrics, encode_texts, java_available, load_clip  # noqa: E402
+from metrics import (  # noqa: E402
+    MetricOptions, caption_perplexities, compute_metrics, encode_texts, java_available, load_clip,
+)
 from metrics.perplexity import load_language_model  # noqa: E402
 from machine import describe_machine  # noqa: E402
 from metrics_fixtures import build_tiny_clip, build_tiny_gpt2, make_images, synthetic_coco  # noqa: E402
@@ -68,9 +70,9 @@ def main() -> None:
               f"{len(results)} captions, {len(gt['annotations'])} references")
 
         timings: dict[str, float] = {}
-        scores, total = timed(lambda: compute_metrics(
-            results, gt, images_root=tmp / "images", clip_model=clip_dir, ppl_model=gpt2_dir,
-            device=args.device, num_workers=args.workers, progress=False, timings=timings))
+        options = MetricOptions(images_root=tmp / "images", clip_model=clip_dir, ppl_model=gpt2_dir,
+                                device=args.device, num_workers=args.workers, progress=False)
+        scores, total = timed(lambda: compute_metrics(results, gt, options=options, timings=timings))
         print(f"\nfull suite on {args.num} captions: {total:.1f} s total")
         for group, seconds in timings.items():
             print(f"  {group:<12} {seconds:7.1f} s  ({100 * seconds / total:4.1f}%)")

@@ -2,9 +2,9 @@
 
     python benchmarks/stress_eval.py                          # 20 sessions or 300 s, whichever comes first
     python benchmarks/stress_eval.py --load 4 --java          # 4 busy processes beside it, METEOR's JVMs too
-    python benchmarks/stress_eval.py --without-fix            # the image workers as before issue 20's fix
+    python benchmarks/stress_eval.py --without-fix            # without the image workers' init function
 
-Issue 20: evaluation after training crashed with ``RuntimeError: DataLoader worker (pid N) exited unexpectedly
+What it guards against: evaluation after training could crash with ``RuntimeError: DataLoader worker (pid N) exited unexpectedly
 with exit code 1`` raised in the main thread, in training.generate_captions, while the metrics session
 (metrics/suite.py) encoded the GT images in a ThreadPoolExecutor thread. Each iteration here does what
 training.evaluate_split does, with the tests' tiny CLIP and GPT-2 and generated images: ``prepare_metrics`` (CLIP's
@@ -35,7 +35,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 import torch  # noqa: E402
 
 from machine import describe_machine  # noqa: E402
-from metrics import clip_metrics, java_available, prepare_metrics  # noqa: E402
+from metrics import MetricOptions, clip_metrics, java_available, prepare_metrics  # noqa: E402
 from metrics_fixtures import build_tiny_clip, build_tiny_gpt2, make_images, synthetic_coco  # noqa: E402
 
 WORKER_ERROR = "exited unexpectedly"
@@ -83,9 +83,10 @@ def install_sigchld_handler(paths: list[Path], clip_dir: Path) -> None:
     clip_metrics.encode_images(paths, clip_dir, batch_size=16, num_workers=2, progress=False)
 
 
-def one_session(gt: dict, results: list[dict], groups: list[str], options: dict, work_seconds: float) -> None:
+def one_session(gt: dict, results: list[dict], groups: list[str], options: MetricOptions,
+                work_seconds: float) -> None:
     """training.evaluate_split's shape: prepare, 'generate' in this thread, score, close."""
-    with prepare_metrics(gt, groups, **options) as session:
+    with prepare_metrics(gt, groups, options) as session:
         x = torch.randn(128, 128)
         end = time.perf_counter() + work_seconds
         while time.perf_counter() < end:  # the captioner's place: a loader without workers, CPU work per batch
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
                         "tokeniser and the COCO thread), if Java is installed")
     parser.add_argument("--no-handler", action="store_true", help="do not install torch's SIGCHLD handler first")
     parser.add_argument("--without-fix", action="store_true", help="build the image loader without the worker "
-                        "init function of issue 20's fix (the code as it was)")
+                        "init function (metrics/clip_metrics.py), to reproduce the crash")
     args = parser.parse_args(argv)
     java = args.java and java_available()
     groups = ["length", "ppl", "retrieval", "clipscore"] + (["coco"] if java else [])
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         clip_dir, gpt2_dir = build_tiny_clip(work / "clip"), build_tiny_gpt2(work / "gpt2")
         names = make_images(work / "images", args.images, seed=3)
         gt, results = synthetic_coco(args.images, file_names=names, seed=5)
-        options = dict(images_root=work / "images", clip_model=clip_dir, ppl_model=gpt2_dir, progress=False)
+        options = MetricOptions(images_root=work / "images", clip_model=clip_dir, ppl_model=gpt2_dir, progress=False)
         if not args.no_handler:
             install_sigchld_handler([work / "images" / n for n in names[:32]], clip_dir)
         handler_codes = len(exits.codes)

@@ -59,10 +59,14 @@ import logging
 import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .nltk_text import word_tokenizer
 
 from ._common import MetricInputError, read_json_file
+
+if TYPE_CHECKING:
+    from .suite import ScoringContext
 
 logger = logging.getLogger(__name__)
 
@@ -355,6 +359,16 @@ def chair_scores(
     if variant == "corrected":
         return {f"{key}_corrected": value for key, value in scores.items()}
     return scores
+
+
+def score_chair_group(ctx: ScoringContext) -> dict[str, float]:
+    """The "chair" metric group (metrics/registry.py): `chair_scores` of the scored captions, original variant."""
+    return chair_scores(dict(ctx.scored), ctx.references, ctx.instances, "original", ctx.instances_source)
+
+
+def score_chair_corrected_group(ctx: ScoringContext) -> dict[str, float]:
+    """The "chair_corrected" metric group: `chair_scores` with ``variant="corrected"``."""
+    return chair_scores(dict(ctx.scored), ctx.references, ctx.instances, "corrected", ctx.instances_source)
 
 
 def _check_variant(variant: str) -> None:

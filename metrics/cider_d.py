@@ -45,12 +45,15 @@ runs over n-grams or pairs. `benchmarks/bench_rewards.py` compares the speed wit
 The statistics of COCO-sized training data (113k images x 5 references) take 12-34 s to build;
 `CiderD.from_annotation_files` caches them as an ``.npz`` (no pickle, ~100 MB) named by the SHA-256
 of the annotation files' bytes, and checks a digest of the references on load, so a changed key
-scheme or normalisation rebuilds instead of reusing stale statistics.
+scheme or normalisation rebuilds instead of reusing stale statistics. A cache that cannot be read (truncated by
+a full disk or a killed job, or not an .npz at all) is rebuilt and overwritten, with a warning naming the file.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from itertools import chain, compress, repeat
 from pathlib import Path
@@ -333,8 +336,10 @@ class CiderD:
                 self.vocab = data["vocab"]
                 self.codes = {k: data[f"codes_{k}"] for k in range(2, self.n + 1)}
                 self.df = {k: data[f"df_{k}"] for k in range(1, self.n + 1)}
-        except (OSError, ValueError, KeyError) as err:
-            logger.warning("CIDEr-D: cannot read cache %s (%s); rebuilding it", path, err)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            # np.load of a truncated file: BadZipFile (no central directory), EOFError (empty), zlib.error or a
+            # CRC BadZipFile (a damaged member)
+            logger.warning("CIDEr-D: cannot read cache %s (%s: %s); rebuilding it", path, type(err).__name__, err)
             return False
         self._index()
         return True

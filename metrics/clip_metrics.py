@@ -21,11 +21,13 @@ Embeddings are computed in fp32, in batches, on `device` (CUDA when available).
 from __future__ import annotations
 
 import concurrent.futures.thread
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +36,18 @@ from tqdm.auto import tqdm
 
 from imaging import open_rgb, to_rgb
 
-from ._common import MetricInputNotFound, batch_slices, hf_features, load_from_source, pad_right, resolve_device, \
-    usable_cores
+from ._common import MetricInputError, MetricInputNotFound, batch_slices, hf_features, load_from_source, pad_right, \
+    resolve_device, usable_cores
+
+if TYPE_CHECKING:
+    from .suite import PreparationContext, ScoringContext
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CLIPSCORE_PREFIX = "A photo depicts"
 CLIPSCORE_WEIGHT = 2.5
+RETRIEVAL_KEYS = ("R@1", "R@5", "R@10", "retrieval_pool")  # `retrieval_from_features` with the default ks
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 ImageInput = str | Path | Image.Image
@@ -125,7 +131,7 @@ def _forget_inherited_executor_threads(worker_id: int) -> None:
     """DataLoader ``worker_init_fn`` of `encode_images`: a forked worker drops the thread-pool threads it inherited
     the bookkeeping of, but not the threads themselves.
 
-    Why (issue 20): fork copies concurrent.futures' registry of ThreadPoolExecutor threads into the worker, none of
+    Why: fork copies concurrent.futures' registry of ThreadPoolExecutor threads into the worker, none of
     the threads. When the worker exits, ``threading._shutdown`` runs concurrent.futures' exit hook, which joins every
     registered thread; a worker forked *from* one of them (`MetricSession` encodes images in its pool) finds its
     own thread there, the join raises "cannot join current thread" after all the work is done, and multiprocessing
@@ -509,6 +515,59 @@ def ref_clip_score_summary(image_features: torch.Tensor, candidate_features: tor
         "per_caption": harmonic,
         "per_caption_clip": clip_term,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The "retrieval" and "clipscore" metric groups (metrics/registry.py), on the session's shared embeddings
+# ---------------------------------------------------------------------------------------------
+def prepare_retrieval_group(ctx: PreparationContext) -> None:
+    """Encode the GT images of ``ctx.ids`` that exist now and the distractors (best effort: `score_retrieval_group`
+    reports what is missing)."""
+    paths = ctx.image_files()
+    with contextlib.suppress(MetricInputError, OSError):
+        paths += extra_pool_paths(ctx.options.extra_pool_images, exclude=paths)
+    ctx.image_features(paths)
+
+
+def _retrieval_pool(ctx: ScoringContext) -> list[Path]:
+    """The scored images, then the distractors (listed once per `score` call)."""
+    return ctx.shared("retrieval_pool", lambda: ctx.image_paths + extra_pool_paths(
+        ctx.options.extra_pool_images, exclude=ctx.image_paths))
+
+
+def retrieval_clip_inputs(ctx: ScoringContext) -> tuple[list[Path], list[str]]:
+    """What `score_retrieval_group` embeds: the pool and the captions as they are."""
+    return _retrieval_pool(ctx), ctx.captions
+
+
+def score_retrieval_group(ctx: ScoringContext) -> dict[str, float]:
+    """Self-retrieval R@K of the scored captions; the pool is the scored images, then the distractors."""
+    image_features = ctx.image_features(_retrieval_pool(ctx))  # (P, D), the scored images first
+    return retrieval_from_features(ctx.text_features(ctx.captions), image_features, device=ctx.device)
+
+
+def prepare_clipscore_group(ctx: PreparationContext) -> None:
+    """Encode the GT images of ``ctx.ids`` that exist now and their prefixed reference captions."""
+    ctx.image_features(ctx.image_files())
+    ctx.text_features(with_prefix([r for i in ctx.ids for r in ctx.references.get(i, ())], CLIPSCORE_PREFIX))
+
+
+def clipscore_clip_inputs(ctx: ScoringContext) -> tuple[list[Path], list[str]]:
+    """What `score_clipscore_group` embeds: the scored images, the prefixed captions, then their prefixed
+    references."""
+    references = [r for refs in ctx.scored_references for r in refs]
+    return ctx.image_paths, with_prefix(ctx.captions, CLIPSCORE_PREFIX) + with_prefix(references, CLIPSCORE_PREFIX)
+
+
+def score_clipscore_group(ctx: ScoringContext) -> dict[str, float]:
+    """CLIPScore and RefCLIPScore of the scored captions (prefixed, as their references)."""
+    references = ctx.scored_references
+    paths, texts = clipscore_clip_inputs(ctx)
+    features = ctx.text_features(texts)  # (N + R, D): the N candidates, then the R references
+    owner = torch.repeat_interleave(torch.arange(len(references)), torch.tensor([len(r) for r in references]))
+    scores = ref_clip_score_summary(ctx.image_features(paths), features[:len(ctx.captions)],
+                                    features[len(ctx.captions):], owner)
+    return {"CLIPScore": scores["CLIPScore"], "RefCLIPScore": scores["RefCLIPScore"]}
 
 
 def _image_features(images, clip: ClipBundle, n: int, batch_size: int, num_workers, progress: bool) -> torch.Tensor:

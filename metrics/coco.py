@@ -40,7 +40,9 @@ import time
 import weakref
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -49,6 +51,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from ._common import MetricInputError, read_json_file, usable_cores
+
+if TYPE_CHECKING:
+    from .suite import PreparationContext, ScoringContext
 
 logger = logging.getLogger(__name__)
 
@@ -476,6 +481,50 @@ def coco_caption_metrics(
         if own_meteor is not None:
             own_meteor.close()
     return {key: scores[key] for key in (*BLEU_KEYS, "METEOR", "ROUGE_L", "CIDEr", "SPICE") if key in scores}
+
+
+# ---------------------------------------------------------------------------------------------
+# The "coco" metric group (metrics/registry.py); it also writes SPICE when the "spice" group is asked for
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PreparedCoco:
+    """What `prepare_coco_group` starts before the captions exist: the references' tokens and METEOR's JVMs."""
+
+    tokens: dict[str, str]
+    meteor: MeteorScorer | None
+
+    def close(self) -> None:
+        if self.meteor is not None:
+            self.meteor.close()
+
+
+def prepare_coco_group(ctx: PreparationContext) -> PreparedCoco:
+    """Start METEOR's JVMs (they load the paraphrase table while the rest runs) and PTB-tokenise the references
+    of ``ctx.ids``."""
+    java = java_available()
+    meteor = MeteorScorer(ctx.options.meteor_processes) if java else None
+    try:
+        with ctx.timed("coco_tokenize"):
+            tokens = tokenize_texts([r for i in ctx.ids for r in ctx.references.get(i, ())], java)
+    except BaseException:
+        if meteor is not None:
+            meteor.close()
+        raise
+    return PreparedCoco(tokens, meteor)
+
+
+def score_coco_group(ctx: ScoringContext) -> dict[str, float | None]:
+    """`coco_caption_metrics` of the scored captions, with what `prepare_coco_group` prepared; every `COCO_KEYS`
+    key (METEOR None without Java), plus SPICE when the "spice" group is asked for."""
+    prepared = ctx.prepared("coco")
+    timings: dict[str, float] = {}
+    spice = "spice" in ctx.groups
+    scores = coco_caption_metrics([{"image_id": i, "caption": c} for i, c in ctx.scored], ctx.gt, spice=spice,
+                                  verbose=ctx.options.verbose, meteor=prepared.meteor if prepared else None,
+                                  tokens=prepared.tokens if prepared else None, overlap=ctx.options.overlap,
+                                  timings=timings)
+    ctx.add_timings(timings)
+    return {key: scores.get(key) for key in COCO_KEYS + (("SPICE",) if spice else ())}
 
 
 def _timed_call(timings: dict, name: str, fn, *args):

@@ -52,9 +52,13 @@ import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ._common import MetricInputError
+from ._common import MetricInputError, MetricInputNotFound
 from .nltk_text import porter_stemmer, word_tokenizer
+
+if TYPE_CHECKING:
+    from .suite import ScoringContext
 
 CRITERIA = ("background", "object", "relation")
 COLUMNS = ("image", "caption", *CRITERIA)
@@ -123,13 +127,13 @@ def read_finecapeval_csv(path: str | Path) -> FineCapEvalData:
     """Read FineCapEval.csv as the authors' scorer does (module docstring): drop rows, group, process phrases.
 
     Raises:
-        FileNotFoundError: no such file.
+        MetricInputNotFound: no such file (a FileNotFoundError and a MetricInputError: one line from the CLIs).
         FineCapEvalError: a missing column, a row with more cells than the header, or a row without an
             ``image`` name; the message names the file, row (1-based, after the header) and line.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"FineCapEval CSV {path} does not exist")
+        raise MetricInputNotFound(f"FineCapEval CSV {path} does not exist")
     header, rows = _read_rows(path)
     text_columns = {name: _column_is_text([cells[header[name]] if header[name] < len(cells) else ""
                                            for _, cells in rows]) for name in COLUMNS[1:]}
@@ -238,6 +242,13 @@ def finecap_scores(captions: Sequence[tuple[str, str]], data: FineCapEvalData) -
                          f"(first: {unknown[:10]})")
     return {key: 100.0 * sum(phrase_recall(data.phrases[criterion][stem], caption) for stem, caption in captions)
             / len(captions) for key, criterion in zip(FINECAP_KEYS, CRITERIA)}
+
+
+def score_finecapeval_group(ctx: ScoringContext) -> dict[str, float]:
+    """The "finecapeval" metric group (metrics/registry.py): `finecap_scores` of the scored captions, each image
+    matched to its CSV rows by the GT's ``file_name`` (else its id) up to the first dot."""
+    file_names = {image["id"]: image.get("file_name") or image["id"] for image in ctx.gt["images"]}
+    return finecap_scores([(image_stem(file_names[i]), caption) for i, caption in ctx.scored], ctx.finecapeval)
 
 
 def finecapeval_gt(data: FineCapEvalData) -> dict:

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from tqdm.auto import tqdm
 import hub  # a hub id without network: one line at once (hub.HubError), not minutes of retries
 
 from ._common import batch_slices, load_from_source, pad_right, resolve_device
+
+if TYPE_CHECKING:
+    from .suite import ScoringContext
 
 logger = logging.getLogger(__name__)
 
@@ -135,3 +139,9 @@ def gpt2_perplexity(
     if len(captions) == 0:
         raise ValueError("no captions to score: the caption list is empty")
     return caption_perplexities(captions, model_id_or_dir, batch_size, device, progress).mean().item()
+
+
+def score_ppl_group(ctx: ScoringContext) -> dict[str, float]:
+    """The "ppl" metric group (metrics/registry.py): `gpt2_perplexity` under the session's LM (``ctx.lm``)."""
+    return {"PPL": gpt2_perplexity(ctx.captions, ctx.lm, ctx.options.ppl_batch_size, ctx.device,
+                                   ctx.options.progress)}

@@ -10,7 +10,7 @@ plot come from pure helpers (`length_counts`, `length_histogram`, `chart_panels`
 
 * a caption's length is the one of the "Cap. Len." metric (`text_stats.caption_lengths`: words after BLIP's
   normalisation), binned one bin per integer length;
-* the comparison chart has the columns of `suite.markdown_table`, in its order and at its scale (BLEU-4 and CIDEr
+* the comparison chart has the columns of `table.markdown_table`, in its order and at its scale (BLEU-4 and CIDEr
   x100), and labels each bar in the table's number format, so chart and table show the same figures.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from ._common import read_json_file
-from .suite import _columns
+from .table import table_columns
 from .text_stats import caption_length, caption_lengths
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,11 @@ def chart_panels(runs: Mapping[str, Mapping[str, float | None]], metrics: Sequen
                  lex_div: str = "distinct_1") -> list[dict]:
     """The comparison chart's panels: ``[{"title", "key", "format", "values": {run: scaled value or None}}]``.
 
-    Default: the columns of `suite.markdown_table` (same order, scale and format). ``metrics`` picks metric keys
+    Default: the columns of `table.markdown_table` (same order, scale and format). ``metrics`` picks metric keys
     instead (e.g. ``["CIDEr", "cap_len", "Bleu_1"]``): a table column keeps the table's title, scale and format,
     any other key is shown as it is. A metric that is missing or None for every run has no panel.
     """
-    columns = {key: (title, scale, fmt) for title, key, scale, fmt in _columns(lex_div)}
+    columns = {key: (title, scale, fmt) for title, key, scale, fmt in table_columns(lex_div)}
     if metrics is None:
         metrics = list(columns)
     panels = []

@@ -25,6 +25,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .suite import ScoringContext
+
+LEX_DIV_KEYS = ("vocab_size", "distinct_1", "distinct_2", "ttr")  # `lexical_diversity`'s keys, in its order
 
 # BLIP's pre_caption replaces exactly these characters with a space.
 _BLIP_PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
@@ -88,6 +94,16 @@ def lexical_diversity(captions: Sequence[str]) -> dict[str, float]:
         "distinct_2": 100.0 * len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
         "ttr": sum(ttr) / len(ttr),
     }
+
+
+def score_length_group(ctx: ScoringContext) -> dict[str, float]:
+    """The "length" metric group (metrics/registry.py)."""
+    return {"cap_len": caption_length(ctx.captions)}
+
+
+def score_diversity_group(ctx: ScoringContext) -> dict[str, float]:
+    """The "diversity" metric group (metrics/registry.py)."""
+    return lexical_diversity(ctx.captions)
 
 
 def _require_captions(captions: Sequence[str]) -> None:

@@ -27,6 +27,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .suite import ScoringContext
 
 # Fixed, so that the metric keys are stable; data/toy.py's ATTRIBUTES (tests check they agree).
 TOY_ATTRIBUTES = ("colour", "shape", "size", "position", "background")
@@ -134,6 +138,12 @@ def toy_grounding(captions: Sequence[str], scenes: Sequence[Mapping[str, str]], 
         out[f"ground_{attribute}_precision"] = (100.0 * right[attribute] / mentioned[attribute]
                                                 if mentioned[attribute] else None)
     return out
+
+
+def score_toy_grounding_group(ctx: ScoringContext) -> dict[str, float | None]:
+    """The "toy_grounding" metric group (metrics/registry.py): `toy_grounding` of the scored captions against
+    their scenes (``ctx.toy_scenes``, from `scenes_from_gt`)."""
+    return toy_grounding(ctx.captions, *ctx.toy_scenes, source=ctx.gt_name)
 
 
 def scenes_from_gt(gt: Mapping, ids: Sequence[Hashable], gt_name: str = "<ground truth>") -> tuple[list, Mapping]:

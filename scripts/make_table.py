@@ -4,7 +4,8 @@
         --names SMILE MLE --out table.md
 
 Columns, in the paper's order: Cap. Len., Lex. Div., R@1, R@5, CLIPScore, PPL, then BLEU-4 and
-CIDEr (x100). Each file holds the flat dict written by `metrics.score_results_file` (or a dict with
+CIDEr (x100), then CHAIR and toy-grounding columns when a run has them (metrics/table.py, from the metric
+registry). Each file holds the flat dict written by `metrics.score_results_file` (or a dict with
 that under "metrics"). Missing metrics show as "-".
 
     python scripts/make_table.py runs/*/test_metrics.json --plot metrics.png --length-plot lengths.png
@@ -31,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from metrics.plots import caption_length_histogram, metric_comparison_chart, read_captions  # noqa: E402
-from metrics.suite import LEX_DIV_KEYS, markdown_table, summarize_seeds  # noqa: E402
+from metrics.table import LEX_DIV_KEYS, markdown_table, summarize_seeds  # noqa: E402
 
 
 def load_run(path: Path) -> dict:

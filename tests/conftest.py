@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The tiny CLIP, GPT-2 and image folder of the metric tests, shared by every test module that names them.
+pytest_plugins = ["metrics_fixtures"]
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

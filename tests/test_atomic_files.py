@@ -29,21 +29,18 @@ def test_current_umask_reads_it_without_changing_it(umask):
 
 
 def test_every_atomic_writer_gives_the_umasks_mode(tmp_path, umask):
-    from metrics.suite import write_metrics_json
     from models.checkpoint import save_checkpoint_file
 
     expected = 0o666 & ~umask
     utils.atomic_write_text(tmp_path / "a.txt", "text")
-    utils.write_json(tmp_path / "b.json", {"x": 1})
+    utils.write_json(tmp_path / "b.json", {"x": 1})  # also eval_caption.py --out (metrics.score_results_file)
     with utils.atomic_open(tmp_path / "c.bin", "wb") as handle:
         handle.write(b"\0")
-    write_metrics_json({"CIDEr": 1.0}, tmp_path / "metrics.json")  # eval_caption.py --out
     save_checkpoint_file(tmp_path / "c.safetensors", {"w": torch.zeros(2)})
-    for name in ("a.txt", "b.json", "c.bin", "metrics.json", "c.safetensors"):
+    for name in ("a.txt", "b.json", "c.bin", "c.safetensors"):
         assert _mode(tmp_path / name) == expected, (name, oct(_mode(tmp_path / name)))
-    assert json.loads((tmp_path / "metrics.json").read_text()) == {"CIDEr": 1.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.json", "c.bin", "c.safetensors",
-                                                          "metrics.json"]
+    assert json.loads((tmp_path / "b.json").read_text()) == {"x": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.json", "c.bin", "c.safetensors"]
 
 
 def test_a_failed_atomic_write_keeps_the_earlier_file(tmp_path):

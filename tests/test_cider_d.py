@@ -175,6 +175,33 @@ def test_disk_cache_round_trip_and_invalidation(tmp_path, caplog):
     np.testing.assert_array_equal(fourth.score(candidates, keys), first.score(candidates, keys))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "damaged_member"])
+def test_an_unreadable_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, caplog, damage):
+    """A cache cut short (a full disk, a killed job) made np.load raise zipfile.BadZipFile, which SCST training
+    did not survive; every unreadable cache is rebuilt and rewritten instead."""
+    annotation = tmp_path / "train.json"
+    annotation.write_text('[{"image": "a_1.jpg", "caption": "x"}]')
+    first = CiderD.from_annotation_files(REFS, annotation, cache_dir=tmp_path / "cache")
+    (path,) = (tmp_path / "cache").glob("*.npz")
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # same length, a stretch in the middle of the members overwritten
+        middle = len(data) // 3
+        path.write_bytes(data[:middle] + bytes(64) + data[middle + 64:])
+    caplog.set_level("INFO", logger="metrics.cider_d")
+    rebuilt = CiderD.from_annotation_files(REFS, annotation, cache_dir=tmp_path / "cache")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"cannot read cache {path}" in w and "rebuilding it" in w for w in warnings), warnings
+    candidates, keys = [c for c, _ in CASES], [k for _, k in CASES]
+    np.testing.assert_array_equal(rebuilt.score(candidates, keys), first.score(candidates, keys))
+    caplog.clear()
+    CiderD.from_annotation_files(REFS, annotation, cache_dir=tmp_path / "cache")  # the rewritten cache loads
+    assert "loaded from" in caplog.text and "cannot read" not in caplog.text
+
+
 def test_hash_index_finds_every_code_and_nothing_else():
     from metrics.cider_d import _HashIndex
 

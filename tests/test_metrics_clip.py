@@ -20,7 +20,7 @@ from metrics.clip_metrics import (
     retrieval_ranks,
     self_retrieval,
 )
-from metrics_fixtures import image_dir, make_images, synthetic_caption, tiny_clip_dir  # noqa: F401 (fixtures)
+from metrics_fixtures import make_images, synthetic_caption
 
 LONG = " ".join(["a large white dog sitting next to a small black cat on the green grass"] * 8)  # > 77 tokens
 

@@ -127,6 +127,49 @@ def test_finecapeval_group_needs_the_csv(hand_csv):
         compute_metrics(HAND_RESULTS[:1], gt, metrics=["finecapeval"])
 
 
+@pytest.mark.parametrize("with_annotations", [False, True])
+def test_a_missing_csv_is_one_line_and_exit_2_before_scoring(hand_csv, tmp_path, capsys, monkeypatch,
+                                                             with_annotations):
+    import eval_caption
+    import training
+    import utils
+    from metrics import suite
+
+    monkeypatch.setattr(suite, "compute_metrics", lambda *a, **k: pytest.fail("scoring started"))
+    results = tmp_path / "R.json"
+    results.write_text(json.dumps(HAND_RESULTS))
+    argv = ["--results", str(results), "--finecapeval", str(tmp_path / "missing.csv"), "--metrics", "finecapeval"]
+    if with_annotations:
+        gt = tmp_path / "gt.json"
+        gt.write_text(json.dumps(finecapeval_gt(read_finecapeval_csv(hand_csv))))
+        argv += ["--annotations", str(gt)]
+    assert utils.run_cli(eval_caption.main, training.USER_ERRORS, argv, prog="eval_caption.py") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval_caption.py: error: --finecapeval: file not found: ")
+    assert "missing.csv" in err[0]
+
+
+def test_a_missing_csv_fails_a_session_before_the_captions_exist(hand_csv, tmp_path):
+    """Library and config mode (eval.finecapeval): prepare_metrics, which runs before generation, reads the CSV;
+    a missing one is a user error (one line from the CLIs), also a FileNotFoundError."""
+    from metrics._common import MetricInputError
+    from metrics.suite import prepare_metrics, score_results_file
+    from training.evaluation import scoring_session
+
+    gt = finecapeval_gt(read_finecapeval_csv(hand_csv))
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(MetricInputError, match=f"FineCapEval CSV {missing} does not exist"):
+        prepare_metrics(gt, ["finecapeval"], finecapeval=missing)
+    config = {"eval": {"clip_model": "unused", "ppl_model": "unused", "finecapeval": str(missing), "instances": None}}
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        with scoring_session(gt, config, ["finecapeval", "length"]):
+            pytest.fail("the session started without its CSV")
+    results = tmp_path / "R.json"
+    results.write_text(json.dumps(HAND_RESULTS))
+    with pytest.raises(MetricInputError, match="missing.csv"):
+        score_results_file(results, finecapeval=missing)
+
+
 def test_prepare_data_check(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "scripts" / "prepare_data.py")
     prepare_data = importlib.util.module_from_spec(spec)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metrics.perplexity import caption_perplexities, gpt2_perplexity, load_language_model
-from metrics_fixtures import synthetic_caption, tiny_gpt2_dir  # noqa: F401 (fixture)
+from metrics_fixtures import synthetic_caption
 
 LONG = " ".join(["two dogs sitting on the grass next to a red car"] * 8)  # > 63 tokens
 

@@ -25,7 +25,8 @@ from metrics import (
     self_retrieval,
 )
 from metrics.suite import COUNT_KEYS, DEFAULT_METRICS
-from metrics_fixtures import make_images, synthetic_coco, tiny_clip_dir, tiny_gpt2_dir  # noqa: F401 (fixtures)
+from metrics_fixtures import make_images, synthetic_coco
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,6 +190,16 @@ def test_malformed_inputs_are_named(dataset, tmp_path):
         compute_metrics(results, no_refs, metrics=["clipscore"])
 
 
+def test_a_session_prepared_without_images_names_them_when_scoring(dataset, models):
+    """The preparation encodes what exists (here nothing); the missing images are an error when scoring."""
+    from metrics import prepare_metrics
+
+    _, gt, results = dataset
+    with prepare_metrics(gt, ["retrieval", "clipscore"], **models) as session:
+        with pytest.raises(ValueError, match=r"\['clipscore', 'retrieval'\] need the images: pass images_root"):
+            session.score(results)
+
+
 def test_image_metrics_need_images(dataset, models, tmp_path):
     root, gt, results = dataset
     with pytest.raises(ValueError, match=r"\['clipscore', 'retrieval'\] need the images: pass images_root"):
@@ -338,18 +349,7 @@ def test_prepared_session_scores_any_subset_like_compute_metrics(dataset, models
         session.score(results)
 
 
-def test_start_metrics_scores_in_the_background(dataset):
-    from metrics import start_metrics
-
-    _, gt, results = dataset
-    future = start_metrics(results, gt, metrics=["length", "diversity"])
-    assert future.result(timeout=60) == compute_metrics(results, gt, metrics=["length", "diversity"])
-    bad = start_metrics([{"image_id": 404, "caption": "x"}], gt, metrics=["length"])
-    with pytest.raises(ValueError, match="not images of"):
-        bad.result(timeout=60)
-
-
-# Issue 20: image-decoding workers forked from the session's thread pool ------------------------------------------
+# Image-decoding workers forked from the session's thread pool ----------------------------------------------------
 @pytest.fixture()
 def worker_exit_codes(monkeypatch):
     """Exit codes of the workers of every multi-worker loader shut down during the test (torch joins them in its

@@ -47,21 +47,29 @@ def generate_captions(captioner: CaptionModel, loader, config: dict, device: tor
     return [by_id[i] for i in sorted(by_id)]
 
 
+def metric_options(config: dict, images_root=None):
+    """The `metrics.suite.MetricOptions` of a config's ``eval`` section: its CLIP and LM, the FineCapEval CSV and the
+    COCO instances (a configured instances file that was never fetched is a warning, not a failed run)."""
+    from metrics.suite import MetricOptions
+
+    eval_config = config["eval"]
+    return MetricOptions(images_root=images_root, clip_model=eval_config["clip_model"],
+                         ppl_model=eval_config["ppl_model"], finecapeval=eval_config["finecapeval"],
+                         instances=eval_config.get("instances"), skip_missing_instances=True)
+
+
 @contextmanager
 def scoring_session(gt: dict, config: dict, groups=("coco",), images_root=None):
     """Rank 0: a metrics session (metrics/suite.py) whose caption-independent work starts now, in the background,
     while the captions are generated: METEOR's JVMs, tokenising the references, CLIP's embeddings of the images
-    and references. None on the other ranks. Enter it after the captioner is built: transformers'
-    ``from_pretrained`` changes process-wide state, so the session loads CLIP and GPT-2 in this thread."""
+    and references; its inputs (FineCapEval CSV, COCO instances) are checked now, before any caption is generated.
+    None on the other ranks. Enter it after the captioner is built: transformers' ``from_pretrained`` changes
+    process-wide state, so the session loads CLIP and GPT-2 in this thread."""
     session = None
     if utils.is_main():
         from metrics.suite import prepare_metrics
 
-        eval_config = config["eval"]
-        # eval.instances (CHAIR): a configured file that was never fetched is a warning, not a failed run.
-        session = prepare_metrics(gt, list(groups), images_root=images_root, clip_model=eval_config["clip_model"],
-                                  ppl_model=eval_config["ppl_model"], instances=eval_config.get("instances"),
-                                  skip_missing_instances=True, finecapeval=eval_config["finecapeval"])
+        session = prepare_metrics(gt, list(groups), metric_options(config, images_root))
     try:
         yield session
     finally:
@@ -96,7 +104,7 @@ def run_evaluation(config: dict, checkpoint: str | None = None, split: str | Non
     """
     split = split or config["eval"]["split"]
     check_inputs(config, "eval", split=split, checkpoint=checkpoint)  # before anything is built or downloaded
-    device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
+    device = utils.init_distributed(config["device"], config["dist_timeout_minutes"])
     fill_data_paths(config)
     # Evaluating into a training run's folder must not replace the config that trained it.
     output_dir = prepare_output_dir(config, config_name=f"eval_{split}_config.yaml")
