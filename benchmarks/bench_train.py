@@ -6,10 +6,10 @@
 Paths (same initial weights, same synthetic batch, same objective; timed in one process with their steps
 interleaved round-robin, so load from other processes on the machine hits every path alike):
 
-* ``baseline``: what the repository did before issue 8: fp32, transformers' eager attention, plain (for-each)
+* ``baseline``: the reference point, the original BLIP code's choices: fp32, transformers' eager attention, plain (for-each)
   AdamW, full (B, L - 1, V) logits fed to the objective outside the model;
 * ``optimised``: SDPA attention, bf16 autocast and fused AdamW on CUDA (fp32 and plain AdamW on CPU, as the
-  the trainer does), and the loss computed inside the model (``forward(..., targets=, objective=)``), which for pure
+  trainer does), and the loss computed as the trainer does (``models.objectives.caption_loss``), which for pure
   SMILE never forms the full logits (models/objectives.py ``smile_from_features``);
 * ``sdpa`` and ``smile_head`` (``--paths``): each optimisation alone, on top of the baseline;
 * ``compiled`` / ``compiled_vision``: ``optimised`` under ``torch.compile`` (``model.compile: full | vision``);
@@ -76,6 +76,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from machine import describe_machine  # noqa: E402
 from models import BlipCaptioner, CaptionObjective  # noqa: E402
 from models.captioner import resolve_architecture  # noqa: E402
+from models.objectives import caption_loss  # noqa: E402
 from training import steps  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts), FLOP/s.
@@ -202,8 +203,8 @@ class PathRunner:
             t1 = time.perf_counter()
             with self._precision():
                 if self.config["fused_loss"]:
-                    loss, _ = captioner(pixel_values, input_ids, attention_mask, targets=targets,
-                                        objective=self.objective)
+                    loss, _ = caption_loss(captioner, self.objective, pixel_values, input_ids, attention_mask,
+                                           targets)
                 else:
                     logits = captioner(pixel_values, input_ids, attention_mask)
             if not self.config["fused_loss"]:  # as training.train_one_epoch did: the objective outside autocast

@@ -10,7 +10,7 @@ A reward is one class in `REWARDS` with the call ``reward(batch) -> (N,) float32
 SCST step scores the k samples and the greedy captions of B images in *one* call (N = B*k + B),
 with ``image_index`` (N,) pointing every caption at its image row, so that each image is encoded
 by CLIP once per batch and its features are gathered for its captions (the reference code does
-the same with ``expand``). Subtracting the greedy reward (the baseline) is the SCST step's job:
+the same with ``expand``). Subtracting the baseline is the SCST step's job (``training.steps.scst_advantages``):
 the mixture is linear, so ``total(sample) - total(greedy)`` is the weighted sum of each reward's
 difference, which is the grammar reward's "P(grammatical) of the sample minus the greedy's".
 
@@ -293,6 +293,15 @@ def _reward_options(name: str) -> list[str]:
     return [p for p in inspect.signature(REWARDS[name].__init__).parameters if p not in ("self", "context")]
 
 
+def parse_reward_spec(spec: str | Mapping, key: str = "reward") -> list[tuple[str, float, dict]]:
+    """The YAML ``reward`` value -> ``[(name, weight, options)]``, checked against `REWARDS` and each reward's
+    options without building anything (``utils.parse_weighted_spec``); ``key`` is the config key named in errors.
+    Weights may be negative (a penalty)."""
+    from utils import parse_weighted_spec
+
+    return parse_weighted_spec(spec, "reward", {name: _reward_options(name) for name in REWARDS}, key=key)
+
+
 class RewardMixture:
     """A weighted sum of registered rewards, built from the YAML ``reward`` mapping.
 
@@ -303,25 +312,8 @@ class RewardMixture:
     """
 
     def __init__(self, spec: str | Mapping, **context):
-        if isinstance(spec, str):
-            spec = {spec: 1.0}
-        if not isinstance(spec, Mapping) or not spec:
-            raise ValueError(f"reward must be a name or a mapping name -> weight/options, got {spec!r}; "
-                             f"valid names: {sorted(REWARDS)}")
-        parsed = []
-        for name, value in spec.items():
-            if name not in REWARDS:
-                raise ValueError(f"unknown reward {name!r}; valid names: {sorted(REWARDS)}")
-            options = dict(value) if isinstance(value, Mapping) else {}
-            weight = options.pop("weight", 1.0) if isinstance(value, Mapping) else value
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise ValueError(f"reward {name!r}: weight must be a number, got {weight!r}")
-            unknown = sorted(set(options) - set(_reward_options(name)))
-            if unknown:
-                raise ValueError(f"reward {name!r}: unknown option(s) {unknown}; "
-                                 f"valid options: {['weight'] + _reward_options(name)}")
-            parsed.append((name, float(weight), options))
-        self.context = RewardContext(**context, use_grammar_clip="grammar" in spec)
+        parsed = parse_reward_spec(spec)
+        self.context = RewardContext(**context, use_grammar_clip=any(name == "grammar" for name, _, _ in parsed))
         self.components = [(name, weight, REWARDS[name](self.context, **options)) for name, weight, options in parsed]
 
     def __call__(
@@ -348,14 +340,6 @@ class RewardMixture:
         return "RewardMixture(" + ", ".join(f"{name}={weight:g}" for name, weight, _ in self.components) + ")"
 
 
-def greedy_baseline(rewards: torch.Tensor, num_images: int, samples: int) -> torch.Tensor:
-    """SCST advantage: rewards laid out as ``[B*k samples (image-major), B greedy]`` -> (B*k,) sample - greedy."""
-    if rewards.shape != (num_images * samples + num_images,):
-        raise ValueError(f"expected {num_images * samples + num_images} rewards (B*k samples then B greedy), "
-                         f"got shape {tuple(rewards.shape)}")
-    sampled = rewards[: num_images * samples].view(num_images, samples)
-    return (sampled - rewards[num_images * samples:].unsqueeze(1)).reshape(-1)
-
-
 __all__ = ["REWARDS", "GrammarHead", "GrammarModel", "RewardBatch", "RewardContext", "RewardMixture",
-           "greedy_baseline", "load_grammar_model", "pooled_text_features", "save_grammar_head", "tokenize_prefixed"]
+           "load_grammar_model", "parse_reward_spec", "pooled_text_features", "save_grammar_head",
+           "tokenize_prefixed"]

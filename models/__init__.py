@@ -5,9 +5,9 @@ Imports nothing from data/ or metrics/.
 from .attention import ATTENTION_IMPLEMENTATIONS, attention_of, set_attention
 from .captioner import ARCHITECTURES, BlipArchitecture, BlipCaptioner, build_tokenizer, resolve_architecture
 from .checkpoint import CheckpointError, convert_original_state_dict, load_pretrained
-from .families import CAPTIONER_FAMILIES, CaptionModel
+from .families import CAPTIONER_FAMILIES, CaptionModel, captioner_family
 from .inference import Captioner
-from .objectives import IGNORE_INDEX, OBJECTIVES, CaptionObjective
+from .objectives import IGNORE_INDEX, OBJECTIVES, CaptionObjective, HeadFeatures, caption_loss
 from .prefix_captioner import PrefixCaptioner, PrefixConfig, load_clipcap_checkpoint
 
 __all__ = [
@@ -20,12 +20,15 @@ __all__ = [
     "Captioner",
     "CaptionObjective",
     "CheckpointError",
+    "HeadFeatures",
     "IGNORE_INDEX",
     "OBJECTIVES",
     "PrefixCaptioner",
     "PrefixConfig",
     "attention_of",
     "build_tokenizer",
+    "caption_loss",
+    "captioner_family",
     "convert_original_state_dict",
     "load_clipcap_checkpoint",
     "load_pretrained",

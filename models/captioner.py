@@ -24,11 +24,13 @@ import hub
 from imaging import eval_transform
 
 from .attention import attention_of, set_attention
-from .objectives import IGNORE_INDEX, CaptionObjective
-from .text_padding import check_text_padding, pad_to, padded_length
+from .objectives import IGNORE_INDEX, HeadFeatures
+from .parameter_groups import weight_decay_groups
+from .text_padding import after_first_end, check_text_padding, pad_to, padded_length
 
 DEFAULT_PROMPT = "a picture of "
 DEFAULT_TOKENIZER = "bert-base-uncased"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -142,12 +144,12 @@ def build_blip_config(arch: BlipArchitecture, image_size: int, tokenizer: BertTo
 
 
 class BlipCaptioner(nn.Module):
-    """A BLIP image captioner that owns its tokenizer and prompt.
+    """A BLIP image captioner that owns its tokenizer and prompt (``model.family: blip``; the interface is
+    ``models.families.CaptionModel``).
 
     ``forward(pixel_values, input_ids, attention_mask) -> logits`` (B, L - 1, V), aligned with
-    ``build_targets(input_ids, attention_mask)`` (B, L - 1). Training passes the targets and the objective too,
-    ``forward(..., targets=targets, objective=objective) -> (loss, parts)``, so that the whole step, loss
-    included, runs inside the (possibly DDP-wrapped) module and SMILE can skip the (B, L - 1, V) logits.
+    ``build_targets(input_ids, attention_mask)`` (B, L - 1); with ``head_features=True`` the LM head's input and
+    weights instead, so that ``models.objectives.caption_loss`` can compute SMILE without the full logits.
     """
 
     def __init__(
@@ -216,12 +218,77 @@ class BlipCaptioner(nn.Module):
             text_padding=model_config.get("text_padding", "longest"),
         )
 
+    @classmethod
+    def check_config(cls, model_config: dict, toy: bool) -> None:
+        """Reject a ``model`` section this family cannot build, before anything is built (ValueError)."""
+        if model_config["tokenizer"] is None and not toy:
+            raise ValueError(
+                "model.tokenizer is null, which means the toy set's vocab.txt, but data.toy is false: set "
+                "model.tokenizer to the vocab.txt the model is trained with (the toy set's is "
+                "<data.toy_root>/vocab.txt, e.g. cache/toy/vocab.txt), a tokenizer folder, or a hub id such as "
+                "bert-base-uncased")
+
+    @classmethod
+    def config_sources(cls, model_config: dict) -> list[tuple[str, str, str]]:
+        """``(config key, source, kind)`` of what ``from_config`` loads besides ``model.pretrained``: the tokenizer."""
+        tokenizer = model_config["tokenizer"]
+        return [] if tokenizer is None else [("model.tokenizer", tokenizer, "tokenizer")]
+
+    @classmethod
+    def accepts_hub_weights(cls, source: str) -> bool:
+        """A hub id (``Salesforce/blip-image-captioning-base``) is a valid ``model.pretrained``."""
+        from .checkpoint import looks_like_hub_id
+
+        return looks_like_hub_id(source)
+
+    @classmethod
+    def inference_config(cls, model_config: dict, checkpoint: Path, tokenizer: str | None = None,
+                         prompt: str | None = None, attention: str = "sdpa") -> dict:
+        """The ``model`` section that rebuilds a trained captioner from ``checkpoint``'s config on this machine.
+
+        ``tokenizer`` and ``prompt`` override the config's; a ``model.tokenizer`` path that moved with the
+        repository is found relative to its root, and one that exists nowhere here is a CheckpointError asking
+        for ``tokenizer=``. Gradient checkpointing is off (inference).
+        """
+        resolved = tokenizer or _resolve_tokenizer(str(model_config["tokenizer"] or DEFAULT_TOKENIZER), checkpoint)
+        return {**model_config, "attention": attention, "gradient_checkpointing": False, "tokenizer": resolved,
+                "prompt": model_config.get("prompt", DEFAULT_PROMPT) if prompt is None else prompt}
+
+    @classmethod
+    def from_exported(cls, source: str, tokenizer: str | None = None, prompt: str | None = None,
+                      attention: str = "sdpa", arch: str = "base", image_size: int = 384,
+                      cache_dir: str | Path | None = None, sha256: str | None = None) -> "BlipCaptioner | None":
+        """The captioner in ``source`` when it is a BLIP form other than a training checkpoint, else None:
+
+        * a transformers directory (``export_directory`` writes one) or a hub id: its own config and tokenizer,
+          and, when present, ``smile_blip.json`` (prompt, max_text_length);
+        * an original BLIP/SMILE ``.pth`` (path or URL), built as ``arch`` at ``image_size``.
+        """
+        from .checkpoint import DEFAULT_CACHE_DIR, load_pretrained, looks_like_hub_id
+
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return _from_transformers(source, tokenizer, prompt, attention) if (path / "config.json").is_file() \
+                else None
+        if not path.exists() and looks_like_hub_id(source):
+            return _from_transformers(source, tokenizer, prompt, attention)
+        if path.is_file() or hub.is_url(source):
+            model = cls.build(arch, image_size=image_size, tokenizer=tokenizer or DEFAULT_TOKENIZER,
+                              prompt=DEFAULT_PROMPT if prompt is None else prompt, attention=attention)
+            load_pretrained(model, source, cache_dir=Path(cache_dir or DEFAULT_CACHE_DIR).expanduser(), sha256=sha256)
+            return model
+        return None
+
     def load_pretrained(self, source: str, model_config: dict) -> None:
         """Load ``source`` (any kind ``model.pretrained`` accepts, see models/checkpoint.py) into the weights."""
         from .checkpoint import load_pretrained
 
         load_pretrained(self, source, cache_dir=Path(model_config["cache_dir"]).expanduser(),
                         strict=model_config["strict_loading"], sha256=model_config["pretrained_sha256"])
+
+    def parameter_groups(self, weight_decay: float, decay_all: bool = True) -> list[dict]:
+        """AdamW groups (models/parameter_groups.py): every parameter trains (ViT and decoder, as in BLIP)."""
+        return weight_decay_groups(self, weight_decay, decay_all)
 
     def export_directory(self, output_dir: str | Path) -> Path:
         """What scripts/export_hf.py writes for this family: a stock ``BlipForConditionalGeneration`` +
@@ -238,6 +305,10 @@ class BlipCaptioner(nn.Module):
         """Always None: BLIP fine-tunes its ViT, so its image features change every step and are never cached
         (data.feature_cache; see ``PrefixCaptioner.cached_feature_key``)."""
         return None
+
+    def encode_cache_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Never called (``cached_feature_key`` is None): BLIP has no frozen image features to cache."""
+        raise ValueError("BLIP fine-tunes its ViT: its image features change every step and are never cached")
 
     @property
     def max_positions(self) -> int:
@@ -257,9 +328,10 @@ class BlipCaptioner(nn.Module):
     def compile_parts(self, scope: str = "full", **options) -> "BlipCaptioner":
         """``torch.compile`` in place (``options`` go to it); parameter and state-dict names are unchanged.
 
-        ``scope``: "full" compiles this module's ``forward``, the loss included (the SMILE path has no graph
-        break), which removes most of the per-kernel launch overhead that bounds a BLIP-base step on a fast GPU;
-        the decoder's padded length changes between batches, so expect one recompile to dynamic shapes.
+        ``scope``: "full" compiles this module's ``forward`` (ViT, decoder and the LM head or its features; the
+        objective then runs eagerly in ``caption_loss``), which removes most of the per-kernel launch overhead that
+        bounds a BLIP-base step on a fast GPU; the decoder's padded length changes between batches, so expect one
+        recompile to dynamic shapes.
         "vision" compiles only the ViT (fixed shapes, most of the FLOPs at 384 px). Generation stays eager
         (``generate_ids`` does not go through ``forward``). Call after moving to the device.
         """
@@ -315,54 +387,36 @@ class BlipCaptioner(nn.Module):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        objective: CaptionObjective | None = None,
         image_index: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Decoder logits (B, L - 1, V), or with ``objective`` the loss: ``(total, {name: part})``.
+        head_features: bool = False,
+    ) -> torch.Tensor | HeadFeatures:
+        """Decoder logits (B, L - 1, V): ``logits[:, t]`` scores ``input_ids[:, t + 1]``, i.e. ``targets[:, t]``.
 
         ``image_index`` (B,) gives each caption row the row of its image in ``pixel_values`` (I, 3, S, S), so
         that several captions of one image (SCST's samples) share one ViT pass; default one caption per image.
 
-        Without an objective, ``logits[:, t]`` scores ``input_ids[:, t + 1]``. With one, ``targets`` (B, L - 1)
-        from ``build_targets`` are required. When every part of the objective can be computed from the LM head's
-        features (pure SMILE; see ``CaptionObjective.supports_features``), the head's vocabulary projection runs
-        only on each row's token set and, for first-token MLE, on each row's first target position, instead of
-        producing (B, L - 1, V) logits; the loss and the gradients are those of the plain path. Otherwise (MLE or
-        a mixture with MLE) the plain logits go through the objective.
+        ``head_features=True`` returns ``HeadFeatures(features, weight, bias)`` instead: the LM head's transformed
+        hidden states (B, L - 1, D) (dense + gelu + LayerNorm, as before its projection) and its output embedding
+        (V, D) and bias (V,), so that ``logits = features @ weight.T + bias``; ``models.objectives.caption_loss``
+        uses them for objectives that need only a few logits per position (pure SMILE).
         """
-        if objective is None:
-            if targets is not None:
-                raise ValueError("targets given without an objective: pass objective= to get the loss")
-            return self._decoder_logits(pixel_values, input_ids, attention_mask, image_index)
-        if targets is None:
-            raise ValueError("an objective needs targets: pass targets=captioner.build_targets(...)")
-        if not objective.supports_features:
-            return objective(self._decoder_logits(pixel_values, input_ids, attention_mask, image_index), targets)
+        image_tokens = self._image_tokens(pixel_values, image_index)
+        if not head_features:
+            return self.model.text_decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                           encoder_hidden_states=image_tokens, use_cache=False).logits[:, :-1]
         hidden = self.model.text_decoder.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            encoder_hidden_states=self._image_tokens(pixel_values, image_index),
+            encoder_hidden_states=image_tokens,
             use_cache=False,
             is_decoder=True,
         ).last_hidden_state[:, :-1]  # (B, L - 1, D): the last position predicts nothing
         head = self.model.text_decoder.cls.predictions
-        features = head.transform(hidden)  # dense + gelu + LayerNorm, as before the full projection
-        return objective.from_features(features, head.decoder.weight, head.decoder.bias, targets)
+        return HeadFeatures(head.transform(hidden), head.decoder.weight, head.decoder.bias)
 
     def _image_tokens(self, pixel_values: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
         image_embeds = self.encode_images(pixel_values)
         return image_embeds if image_index is None else image_embeds.index_select(0, image_index)
-
-    def _decoder_logits(self, pixel_values, input_ids, attention_mask, image_index=None) -> torch.Tensor:
-        image_embeds = self._image_tokens(pixel_values, image_index)
-        output = self.model.text_decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds,
-            use_cache=False,
-        )
-        return output.logits[:, :-1]
 
     @torch.no_grad()
     def generate_ids(
@@ -410,9 +464,7 @@ class BlipCaptioner(nn.Module):
         return (~self._after_first_sep(ids)).long()
 
     def _after_first_sep(self, ids: torch.Tensor) -> torch.Tensor:
-        is_sep = ids == self.tokenizer.sep_token_id
-        is_sep[:, : self.prompt_length] = False
-        return (is_sep.cumsum(dim=1) - is_sep.long()) > 0
+        return after_first_end(ids, [self.tokenizer.sep_token_id], start=self.prompt_length)
 
     def _decoder_generate(self, pixel_values: torch.Tensor, **options) -> torch.Tensor:
         """transformers' ``generate`` on the decoder from the prompt, [SEP] ending a caption; [PAD] after it."""
@@ -443,3 +495,34 @@ class BlipCaptioner(nn.Module):
     def generate(self, pixel_values: torch.Tensor, **options) -> list[str]:
         """Captions for a batch of images (B, 3, H, W), prompt stripped. Options as in ``generate_ids``."""
         return self.decode(self.generate_ids(pixel_values, **options))
+
+
+def _resolve_tokenizer(value: str, checkpoint: Path) -> str:
+    """A checkpoint config's tokenizer: an existing path, a path relative to the repository root, or a hub id."""
+    from .checkpoint import CheckpointError
+
+    path = Path(value).expanduser()
+    if path.exists():
+        return value
+    if not path.is_absolute() and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
+    if path.is_absolute() or path.suffix or value.startswith((".", "~")) or value.count("/") > 1:
+        raise CheckpointError(f"{checkpoint}: its config's model.tokenizer {value!r} does not exist here; pass "
+                              "tokenizer= (the vocab.txt or tokenizer directory the model was trained with)")
+    return value  # a hub id such as bert-base-uncased
+
+
+def _from_transformers(source: str, tokenizer: str | None, prompt: str | None, attention: str) -> BlipCaptioner:
+    """A transformers ``BlipForConditionalGeneration`` directory or hub id, with ``smile_blip.json``'s extras."""
+    import json
+
+    model = hub.from_pretrained(BlipForConditionalGeneration.from_pretrained, source, "checkpoint")
+    set_attention(model, attention)
+    extras_file = Path(source) / "smile_blip.json"
+    extras = json.loads(extras_file.read_text()) if extras_file.is_file() else {}
+    return BlipCaptioner(
+        model,
+        build_tokenizer(tokenizer or source, what="tokenizer" if tokenizer else "checkpoint"),
+        prompt=extras.get("prompt", DEFAULT_PROMPT) if prompt is None else prompt,
+        max_text_length=extras.get("max_text_length", 40),
+    )

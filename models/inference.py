@@ -3,14 +3,14 @@
     from models import Captioner
     captions = Captioner.from_pretrained("runs/coco/smile/checkpoint_best.safetensors").caption(paths, num_beams=3)
 
-``Captioner`` wraps a ``BlipCaptioner`` with BLIP's evaluation preprocessing (``models.preprocessing``), batching,
-the device (CUDA when there is one) and bf16 autocast on CUDA, so that for the same checkpoint and settings its
-captions equal what ``eval_caption.py`` writes. Generation settings default to the checkpoint's own ``eval``
-section when it carries one (this repository's training checkpoints do), else to ``DEFAULT_GENERATION``.
+``Captioner`` wraps a captioner of any family (``models.families.CaptionModel``) with that family's evaluation
+preprocessing (its ``eval_transform``; BLIP's is ``imaging.eval_transform``), batching, the device (CUDA when there
+is one) and bf16 autocast on CUDA, so that for the same checkpoint and settings its captions equal what
+``eval_caption.py`` writes. Generation settings default to the checkpoint's own ``eval`` section when it carries one
+(this repository's training checkpoints do), else to ``DEFAULT_GENERATION``.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
@@ -19,30 +19,16 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-import hub
 from imaging import open_rgb, to_rgb
 
-from .attention import set_attention
-from .captioner import DEFAULT_PROMPT, DEFAULT_TOKENIZER, BlipCaptioner, build_tokenizer
-from .families import CAPTIONER_FAMILIES
-from .prefix_captioner import PREFIX_DIRECTORY_FILE, PrefixCaptioner
-from .checkpoint import (
-    DEFAULT_CACHE_DIR,
-    CheckpointError,
-    is_own_checkpoint,
-    looks_like_hub_id,
-    apply_state_dict,
-    load_checkpoint_file,
-    load_pretrained,
-)
+from .checkpoint import DEFAULT_CACHE_DIR, CheckpointError, apply_state_dict, is_own_checkpoint, load_checkpoint_file
+from .families import CAPTIONER_FAMILIES, CaptionModel, captioner_family
 
 logger = logging.getLogger(__name__)
 
 # configs/default.yaml's eval section (the SMILE paper's decoding): beam 3, up to 75 tokens with the prompt.
 DEFAULT_GENERATION = {"sample": False, "num_beams": 3, "max_length": 75, "min_length": 1, "top_p": 0.9,
                       "repetition_penalty": 1.0}
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 ImageInput = Image.Image | str | Path
 
 
@@ -50,14 +36,14 @@ class Captioner:
     """A captioner ready for inference: ``caption(images) -> captions``.
 
     Args:
-        model: the ``BlipCaptioner`` (weights loaded).
+        model: the captioner, of any family (weights loaded).
         device: where to run; default CUDA if available, else CPU.
         generation: default decoding options (keys of ``DEFAULT_GENERATION``); ``caption`` can override each.
-        amp: bf16 autocast on CUDA (never on CPU); default on, or the run's ``train.amp`` for a training
+        amp: bf16 autocast on CUDA (never on CPU); default on, or the run's ``amp`` for a training
             checkpoint, as ``eval_caption.py`` does.
     """
 
-    def __init__(self, model: BlipCaptioner, device: str | torch.device | None = None,
+    def __init__(self, model: CaptionModel, device: str | torch.device | None = None,
                  generation: dict | None = None, amp: bool | None = None):
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
@@ -73,7 +59,8 @@ class Captioner:
 
     @property
     def max_positions(self) -> int:
-        """The largest ``max_length`` the model can generate (BLIP: decoder positions, prompt included)."""
+        """The largest ``max_length`` the model can generate (BLIP: decoder positions, prompt included; a prefix
+        LM: caption tokens after the prefix)."""
         return self.model.max_positions
 
     @classmethod
@@ -93,14 +80,16 @@ class Captioner:
     ) -> "Captioner":
         """Load ``source``, which may be:
 
-        * a training checkpoint of this repository (``checkpoint_*.safetensors``): it carries its config, so the
-          architecture, image size, tokenizer, prompt and the eval section's decoding come from there;
-        * a transformers directory (``scripts/export_hf.py`` writes one) or a hub id: the model's own config,
-          tokenizer and, when present, ``smile_blip.json`` (prompt);
-        * an original BLIP/SMILE ``.pth`` (path or URL): give ``arch`` and ``image_size`` (default base, 384).
+        * a training checkpoint of this repository (``checkpoint_*.safetensors``), of any family: it carries its
+          config, so the family, architecture, image size, tokenizer, prompt and the eval section's decoding come
+          from there;
+        * another form a family reads (``from_exported``): what ``scripts/export_hf.py`` wrote (BLIP: a
+          transformers directory, also a hub id, with ``smile_blip.json``'s prompt; prefix LM: its folder with
+          ``prefix_captioner.json``), or an original BLIP/SMILE ``.pth`` (path or URL): give ``arch`` and
+          ``image_size`` (default base, 384).
 
         ``tokenizer`` and ``prompt`` override what the source says (e.g. a checkpoint trained on another machine
-        whose vocab path does not exist here). ``attention``: "sdpa" or "eager".
+        whose vocab path does not exist here). ``attention``: "sdpa" or "eager" (BLIP).
         """
         source_text = str(source)
         path = Path(source_text).expanduser()
@@ -108,18 +97,18 @@ class Captioner:
         if path.is_file() and is_own_checkpoint(path):
             model, generation, trained_amp = _from_training_checkpoint(path, tokenizer, prompt, attention)
             amp = trained_amp if amp is None else amp
-        elif path.is_dir() and (path / PREFIX_DIRECTORY_FILE).is_file():  # scripts/export_hf.py of a prefix LM
-            model = PrefixCaptioner.from_directory(path)
-        elif path.is_dir() or looks_like_hub_id(source_text):
-            if path.is_dir() and not (path / "config.json").exists():
-                raise CheckpointError(f"{path} is a directory without config.json: not a transformers model directory")
-            model = _from_transformers(source_text, tokenizer, prompt, attention)
-        elif path.is_file() or source_text.startswith(("http://", "https://")):
-            model = BlipCaptioner.build(arch, image_size=image_size, tokenizer=tokenizer or DEFAULT_TOKENIZER,
-                                        prompt=DEFAULT_PROMPT if prompt is None else prompt, attention=attention)
-            load_pretrained(model, source_text, cache_dir=Path(cache_dir).expanduser(), sha256=sha256)
         else:
-            raise CheckpointError(f"{source_text}: no such file or directory, and not a hub id (owner/name) or URL")
+            options = dict(tokenizer=tokenizer, prompt=prompt, attention=attention, arch=arch,
+                           image_size=image_size, cache_dir=cache_dir, sha256=sha256)
+            model = next((found for family in CAPTIONER_FAMILIES.values()
+                          if (found := family.from_exported(source_text, **options)) is not None), None)
+            if model is None and not path.exists():
+                raise CheckpointError(f"{source_text}: no such file or directory, and not a hub id (owner/name) or "
+                                      "URL")
+            if model is None:
+                raise CheckpointError(f"{source_text}: neither a checkpoint of this repository nor an export that a "
+                                      f"model family ({', '.join(CAPTIONER_FAMILIES)}) reads (a transformers "
+                                      "directory has a config.json)")
         return cls(model, device=device, generation=generation, amp=amp)
 
     @staticmethod
@@ -176,53 +165,23 @@ class Captioner:
         return f"Captioner(image_size={self.image_size}, device={self.device}, generation={self.generation})"
 
 
-def _resolve_tokenizer(value: str, checkpoint: Path) -> str:
-    """A checkpoint config's tokenizer: an existing path, a path relative to the repository root, or a hub id."""
-    path = Path(value).expanduser()
-    if path.exists():
-        return value
-    if not path.is_absolute() and (REPO_ROOT / path).exists():
-        return str(REPO_ROOT / path)
-    if path.is_absolute() or path.suffix or value.startswith((".", "~")) or value.count("/") > 1:
-        raise CheckpointError(f"{checkpoint}: its config's model.tokenizer {value!r} does not exist here; pass "
-                              "tokenizer= (the vocab.txt or tokenizer directory the model was trained with)")
-    return value  # a hub id such as bert-base-uncased
-
-
-def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple[BlipCaptioner, dict, bool | None]:
-    """(captioner, the eval section's decoding options, train.amp) from a checkpoint that carries its config."""
+def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple[CaptionModel, dict, bool | None]:
+    """(captioner, the eval section's decoding options, amp) from a checkpoint that carries its config."""
     state_dict, _, metadata = load_checkpoint_file(path)
     config = metadata.get("config") or {}
     model_config = config.get("model")
     if not model_config:
         raise CheckpointError(f"{path} carries no config (model section); load it with BlipCaptioner.build and "
                               "models.load_pretrained, giving the architecture yourself")
-    family = model_config.get("family", "blip")
-    if family not in CAPTIONER_FAMILIES:
-        raise CheckpointError(f"{path}: model.family {family!r} is none of {sorted(CAPTIONER_FAMILIES)}")
-    # model.tokenizer may be a path that moved with the checkpoint (BLIP's vocab; other families name theirs in
-    # their own section and ignore it).
-    built = {**model_config, "attention": attention, "gradient_checkpointing": False,
-             "prompt": model_config.get("prompt") if prompt is None else prompt,
-             "tokenizer": tokenizer or _resolve_tokenizer(str(model_config["tokenizer"] or DEFAULT_TOKENIZER), path)}
-    captioner = CAPTIONER_FAMILIES[family].from_config(built)
+    try:
+        family = captioner_family(model_config)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    built = family.inference_config(model_config, path, tokenizer=tokenizer, prompt=prompt, attention=attention)
+    captioner = family.from_config(built)
     logger.info(apply_state_dict(captioner.model, state_dict, source=str(path), strict=True).summary())
     eval_config = config.get("eval") or {}
     generation = {key: eval_config[key] for key in DEFAULT_GENERATION if key in eval_config}
-    # eval_caption.py generates under bf16 autocast on CUDA exactly when the run's train.amp is on.
-    return captioner, generation, (config.get("train") or {}).get("amp")
-
-
-def _from_transformers(source: str, tokenizer, prompt, attention) -> BlipCaptioner:
-    from transformers import BlipForConditionalGeneration
-
-    model = hub.from_pretrained(BlipForConditionalGeneration.from_pretrained, source, "checkpoint")
-    set_attention(model, attention)
-    extras_file = Path(source) / "smile_blip.json"
-    extras = json.loads(extras_file.read_text()) if extras_file.is_file() else {}
-    return BlipCaptioner(
-        model,
-        build_tokenizer(tokenizer or source, what="tokenizer" if tokenizer else "checkpoint"),
-        prompt=extras.get("prompt", DEFAULT_PROMPT) if prompt is None else prompt,
-        max_text_length=extras.get("max_text_length", 40),
-    )
+    # eval_caption.py generates under bf16 autocast on CUDA exactly when the run's amp is on (train.amp in the
+    # configs of checkpoints saved before amp became a top-level key).
+    return captioner, generation, config.get("amp", (config.get("train") or {}).get("amp"))

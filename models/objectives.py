@@ -15,15 +15,18 @@ word in the caption. The reference code builds a dense (B, N, V) boolean mask an
 logits of each row's token set are *gathered* instead, so SMILE only touches (B, N, N) extra values and costs
 no more than MLE (see ``benchmarks/bench_objectives.py``).
 
-Add an objective by writing one function and one line in ``OBJECTIVES``.
+Add an objective by writing one function and one line in ``OBJECTIVES``. ``caption_loss`` (at the end) is the one
+place where an objective is applied to a captioner, for every model family and every kind of training step.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from utils import parse_weighted_spec
 
 IGNORE_INDEX = -100
 
@@ -268,7 +271,7 @@ def _objective_options(name: str) -> list[str]:
 class CaptionObjective:
     """A weighted sum of registered objectives, built from the YAML ``objective`` value.
 
-    Accepted forms::
+    Accepted forms (parsed by ``utils.parse_weighted_spec``, the parser of every weighted mixture)::
 
         objective: smile                                   # one objective, weight 1
         objective: {mle: 0.01, smile: 0.99}                # the released "MLE+SMILE 0.01:0.99" model
@@ -278,31 +281,9 @@ class CaptionObjective:
     """
 
     def __init__(self, spec: str | Mapping):
-        self.components: list[tuple[str, float, dict]] = []
-        if isinstance(spec, str):
-            spec = {spec: 1.0}
-        if not isinstance(spec, Mapping) or not spec:
-            raise ValueError(
-                f"objective must be a name or a mapping name -> weight/options, got {spec!r}; "
-                f"valid names: {sorted(OBJECTIVES)}"
-            )
-        for name, value in spec.items():
-            if name not in OBJECTIVES:
-                raise ValueError(f"unknown objective {name!r}; valid names: {sorted(OBJECTIVES)}")
-            if isinstance(value, Mapping):
-                options = dict(value)
-                weight = options.pop("weight", 1.0)
-            else:
-                weight, options = value, {}
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(f"objective {name!r}: weight must be a non-negative number, got {weight!r}")
-            valid_options = _objective_options(name)
-            unknown = sorted(set(options) - set(valid_options))
-            if unknown:
-                raise ValueError(
-                    f"objective {name!r}: unknown option(s) {unknown}; valid options: {['weight'] + valid_options}"
-                )
-            self.components.append((name, float(weight), options))
+        options = {name: _objective_options(name) for name in OBJECTIVES}
+        self.components: list[tuple[str, float, dict]] = parse_weighted_spec(spec, "objective", options,
+                                                                            non_negative=True)
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {name: OBJECTIVES[name](logits, targets, **options) for name, _, options in self.components}
@@ -410,3 +391,50 @@ class PolicyGradientObjective:
             total = total + self.scales[1] * token_total
             parts.update(token_parts)
         return total, parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Applying an objective to a captioner: the one place, for every model family and every kind of step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class HeadFeatures(NamedTuple):
+    """What a captioner's LM head would turn into logits: ``logits = features @ weight.T + bias``.
+
+    ``features`` (B, N, D) are aligned with the targets (B, N) as the logits would be; ``weight`` (V, D) is the
+    output embedding (tied to the word embeddings in both families) and ``bias`` (V,) or None. Returned by a
+    captioner's ``forward(..., head_features=True)`` so that an objective computable from them (pure SMILE,
+    ``CaptionObjective.supports_features``) never forms the (B, N, V) logits.
+    """
+
+    features: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def caption_loss(model, objective, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, targets: torch.Tensor,
+                 image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``objective``'s loss for one teacher-forced batch: ``(total, {name: unweighted part})``.
+
+    The one place where an objective meets a model, in the spirit of self-critical.pytorch's ``LossWrapper``:
+    families only return what the loss needs, and the training steps only call this.
+
+    Args:
+        model: a captioner of any family, or the DDP module wrapping one: only ``model(...)`` is called, so DDP's
+            forward hooks run. The head's weight comes out of that forward, and its gradient reaches DDP's
+            reducer like any other parameter's.
+        objective: a ``CaptionObjective`` or ``PolicyGradientObjective``: ``objective(logits, targets)``, and
+            when ``objective.supports_features``, ``objective.from_features(features, weight, bias, targets)``,
+            the same value and gradients without the (B, N, V) logits.
+        pixel_values: (I, 3, S, S) images, or the family's cached image features (``encode_cache_batch``).
+        input_ids, attention_mask: (B, L) from ``tokenize`` (or ``sample_ids`` and ``sequence_mask``).
+        targets: (B, N) from ``build_targets(input_ids, attention_mask)``: N = L - 1 for BLIP (the bos predicts
+            nothing), L for the prefix LM (the prefix predicts the first token).
+        image_index: (B,) the row of each caption's image in ``pixel_values``; default one caption per image.
+    """
+    if objective.supports_features:
+        head = model(pixel_values, input_ids, attention_mask, image_index=image_index, head_features=True)
+        return objective.from_features(head.features, head.weight, head.bias, targets)
+    logits = model(pixel_values, input_ids, attention_mask, image_index=image_index)
+    return objective(logits, targets)

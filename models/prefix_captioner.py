@@ -47,9 +47,10 @@ import hub
 from imaging import CLIP_MEAN, CLIP_STD
 
 from .checkpoint import CheckpointError
-from .objectives import IGNORE_INDEX, CaptionObjective
+from .objectives import IGNORE_INDEX, HeadFeatures
+from .parameter_groups import weight_decay_groups
 from .prefix_mappers import PrefixMLP, TransformerMapper
-from .text_padding import check_text_padding, padded_length
+from .text_padding import after_first_end, check_text_padding, padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +183,12 @@ class PrefixLM(nn.Module):
 
 
 class PrefixCaptioner(nn.Module):
-    """A prefix-LM image captioner that owns its tokenizer; the same interface as ``BlipCaptioner``.
+    """A prefix-LM image captioner that owns its tokenizer (``model.family: prefix``; the interface is
+    ``models.families.CaptionModel``, as ``BlipCaptioner``).
 
     ``forward(pixel_values, input_ids, attention_mask) -> logits`` (B, T, V) aligned with
-    ``build_targets(input_ids, attention_mask)`` (B, T); with ``targets`` and ``objective`` it returns
-    ``(loss, parts)``, computing pure SMILE from the LM head's features as BLIP does.
+    ``build_targets(input_ids, attention_mask)`` (B, T); with ``head_features=True`` GPT-2's final hidden states
+    and its (tied) output embedding instead, for ``models.objectives.caption_loss``'s SMILE path.
     """
 
     def __init__(self, model: PrefixLM, tokenizer, max_text_length: int = 40, append_eos: bool = True,
@@ -256,13 +258,11 @@ class PrefixCaptioner(nn.Module):
         ``stop_token``, ``original_generation``) and ``model.max_text_length``, ``text_padding`` and
         ``gradient_checkpointing``.
         """
+        cls.check_config(model_config, toy=False)
         options = dict(model_config.get("prefix") or {})
         text_keys = ("append_eos", "stop_token", "original_generation")
         text = {key: options.pop(key) for key in text_keys if key in options}
         gpt2, clip, tokenizer = options.pop("gpt2", None), options.pop("clip", None), options.pop("tokenizer", None)
-        if gpt2 is None:
-            raise ValueError("model.family is prefix but model.prefix.gpt2 is not set (a GPT-2 hub id or directory, "
-                             "or a mapping of GPT2Config fields for a random toy model)")
         if options.get("mapping_type") != "transformer" or options.get("prefix_source") == "tokens":
             options.pop("clip_length", None)  # only the pooled transformer mapper uses it
         captioner = cls.build(gpt2, clip, tokenizer=tokenizer, prefix=options,
@@ -272,12 +272,55 @@ class PrefixCaptioner(nn.Module):
             captioner.model.gpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return captioner
 
+    @classmethod
+    def check_config(cls, model_config: dict, toy: bool) -> None:
+        """Reject a ``model`` section this family cannot build, before anything is built (ValueError)."""
+        if (model_config.get("prefix") or {}).get("gpt2") is None:
+            raise ValueError("model.family is prefix but model.prefix.gpt2 is not set (a GPT-2 hub id or folder, or "
+                             "a mapping of GPT2Config fields for a random toy model)")
+
+    @classmethod
+    def config_sources(cls, model_config: dict) -> list[tuple[str, str | dict | None, str]]:
+        """``(config key, source, kind)`` of the parts ``from_config`` loads: ``model.prefix.gpt2`` (kind
+        "gpt2"), ``clip`` ("clip") and ``tokenizer`` ("tokenizer"); a source may be None (not used) or a dict
+        (a random part built from its config)."""
+        prefix = model_config.get("prefix") or {}
+        return [(f"model.prefix.{part}", prefix.get(part), part) for part in ("gpt2", "clip", "tokenizer")]
+
+    @classmethod
+    def accepts_hub_weights(cls, source: str) -> bool:
+        """Never: ``model.pretrained`` is a ClipCap ``.pt``, a ``save_directory`` folder or a checkpoint of this
+        repository (GPT-2 and CLIP come from the hub through ``model.prefix`` instead)."""
+        return False
+
+    @classmethod
+    def inference_config(cls, model_config: dict, checkpoint: Path, tokenizer: str | None = None,
+                         prompt: str | None = None, attention: str = "sdpa") -> dict:
+        """The ``model`` section that rebuilds a trained captioner from ``checkpoint``'s config for inference:
+        ``tokenizer`` replaces ``model.prefix.tokenizer``; there is no prompt, and GPT-2 keeps its attention."""
+        prefix = dict(model_config.get("prefix") or {})
+        if tokenizer:
+            prefix["tokenizer"] = tokenizer
+        return {**model_config, "prefix": prefix, "gradient_checkpointing": False}
+
+    @classmethod
+    def from_exported(cls, source: str, **options) -> "PrefixCaptioner | None":
+        """The captioner in ``source`` when it is a folder ``export_directory`` / ``save_directory`` wrote (it holds
+        ``prefix_captioner.json``), else None; ``options`` (the ``Captioner.from_pretrained`` overrides) are BLIP's."""
+        path = Path(source).expanduser()
+        return cls.from_directory(path) if (path / PREFIX_DIRECTORY_FILE).is_file() else None
+
     def load_pretrained(self, source: str | Path, model_config: dict) -> None:
         """Load ``source`` (see ``load_prefix_pretrained``) into the weights, strict per ``model.strict_loading``."""
         load_prefix_pretrained(self, source, strict=model_config.get("strict_loading", True))
 
+    def parameter_groups(self, weight_decay: float, decay_all: bool = True) -> list[dict]:
+        """AdamW groups (models/parameter_groups.py) over what trains: the mapper always, GPT-2 unless
+        ``only_prefix``, the CLIP tower only with ``train_vision`` (``PrefixLM`` freezes the rest)."""
+        return weight_decay_groups(self, weight_decay, decay_all)
+
     def compile_parts(self, scope: str = "full", **options) -> "PrefixCaptioner":
-        """``torch.compile`` in place, as ``BlipCaptioner.compile_parts``: "full" (forward and loss) or "vision"."""
+        """``torch.compile`` in place, as ``BlipCaptioner.compile_parts``: "full" (``forward``) or "vision"."""
         if scope == "full":
             self.compile(**options)
         elif scope == "vision":
@@ -422,11 +465,11 @@ class PrefixCaptioner(nn.Module):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        objective: CaptionObjective | None = None,
         image_index: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits (B, T, V) with ``logits[:, t]`` scoring ``input_ids[:, t]``, or with ``objective`` the loss.
+        head_features: bool = False,
+    ) -> torch.Tensor | HeadFeatures:
+        """Logits (B, T, V) with ``logits[:, t]`` scoring ``input_ids[:, t]`` (the prefix's last position predicts
+        the first caption token), aligned with ``build_targets``.
 
         ``image_index`` (B,): the row of each caption's image in ``pixel_values`` (I, 3, S, S), so that several
         captions of one image share one image-tower and mapper pass (SCST's samples); default one per image.
@@ -434,25 +477,18 @@ class PrefixCaptioner(nn.Module):
         ``pixel_values`` may also be cached tower features (I, prefix_size) / (I, N, prefix_size) from
         ``encode_cache_batch``, which skip the tower (see ``PrefixLM.image_prefix``: pixels are always 4-D).
 
-        As ``BlipCaptioner.forward``: pure SMILE (``objective.supports_features``) runs from GPT-2's final
-        hidden states and the tied output embeddings without forming (B, T, V) logits.
+        ``head_features=True`` returns ``HeadFeatures(features, weight, None)``: GPT-2's final hidden states (B, T,
+        W) (after ``ln_f``) and the output embedding (V, W), tied to the word embeddings, with no bias.
         """
-        if objective is None:
-            if targets is not None:
-                raise ValueError("targets given without an objective: pass objective= to get the loss")
-        elif targets is None:
-            raise ValueError("an objective needs targets: pass targets=captioner.build_targets(...)")
         prefix_embeds = self.model.project(self.model.image_prefix(pixel_values))
         if image_index is not None:
             prefix_embeds = prefix_embeds.index_select(0, image_index)
         embeds, mask = self._gpt_inputs(prefix_embeds, input_ids, attention_mask)
         start = prefix_embeds.shape[1] - 1
-        if objective is not None and objective.supports_features:
+        if head_features:
             hidden = self.model.gpt.transformer(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-            features = hidden.last_hidden_state[:, start:-1]  # (B, T, W), after ln_f
-            return objective.from_features(features, self.model.gpt.lm_head.weight, None, targets)
-        logits = self.model.gpt(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, start:-1]
-        return logits if objective is None else objective(logits, targets)
+            return HeadFeatures(hidden.last_hidden_state[:, start:-1], self.model.gpt.lm_head.weight, None)
+        return self.model.gpt(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, start:-1]
 
     def prefix_logits(self, prefix: torch.Tensor, tokens: torch.Tensor,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -531,11 +567,10 @@ class PrefixCaptioner(nn.Module):
         """Attention mask (B, T) of generated ids: 1 through a caption's end token (EOS or stop), 0 after it."""
         return (~self._after_end(ids)).long()
 
-    def _after_end(self, ids: torch.Tensor) -> torch.Tensor:
-        ended = ids == self.tokenizer.eos_token_id
-        if self.stop_token_id is not None:
-            ended |= ids == self.stop_token_id
-        return (ended.long().cumsum(dim=1) - ended.long()) > 0
+    def _after_end(self, ids: torch.Tensor, stop_id: int | None = None) -> torch.Tensor:
+        """(B, T) True after a caption's end: EOS, or the stop token (``stop_id``, default ``stop_token``'s)."""
+        stop_id = self.stop_token_id if stop_id is None else stop_id
+        return after_first_end(ids, [self.tokenizer.eos_token_id] + ([] if stop_id is None else [stop_id]))
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, **options) -> list[str]:
@@ -588,9 +623,7 @@ class PrefixCaptioner(nn.Module):
             **options,
         )
         # After the first stop (".") or EOS, everything is padding (EOS), which decode drops.
-        ended = (generated == eos) | ((generated == stop_id) if stop_id is not None else False)
-        after_end = (ended.long().cumsum(dim=1) - ended.long()) > 0
-        return generated.masked_fill(after_end, eos)
+        return generated.masked_fill(self._after_end(generated, stop_id), eos)
 
     def _trim_rows(self, ids: torch.Tensor, stop_id: int) -> list[list[int]]:
         """Rows of ids cut after the stop token (kept) or before EOS (dropped)."""

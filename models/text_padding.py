@@ -7,6 +7,7 @@
 * ``max_length``: to ``max_text_length`` (one shape; the most padding).
 
 Padded positions carry attention mask 0 and target IGNORE_INDEX, so the loss is the same for all three.
+``after_first_end`` finds the padding after a generated caption's end token, for every family.
 """
 from __future__ import annotations
 
@@ -38,3 +39,16 @@ def pad_to(input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
     """(B, L) ids and mask right-padded to (B, ``length``) with ``pad_id`` and mask 0 (``length`` >= L)."""
     extra = length - input_ids.shape[1]
     return F.pad(input_ids, (0, extra), value=pad_id), F.pad(attention_mask, (0, extra), value=0)
+
+
+def after_first_end(ids: torch.Tensor, end_ids: list[int], start: int = 0) -> torch.Tensor:
+    """(B, L) bool, True after each row's first end token: the padding a generated caption carries once it ended.
+
+    ``end_ids``: the ids that end a caption (BLIP's [SEP]; the prefix LM's EOS and stop token); ``start``: columns
+    before it never end a caption (BLIP's bos + prompt). The end token itself stays False, as it belongs to the
+    caption (attended, and scored as its last target).
+    """
+    ended = torch.isin(ids, torch.tensor(end_ids, dtype=ids.dtype, device=ids.device))
+    ended[:, :start] = False
+    ended = ended.long()
+    return (ended.cumsum(dim=1) - ended) > 0

@@ -1,4 +1,5 @@
-"""Export a checkpoint of this repository as a transformers directory (model + BlipProcessor).
+"""Export a checkpoint of this repository in its model family's own format (the captioner's ``export_directory``):
+for BLIP, a transformers directory (model + BlipProcessor).
 
     python scripts/export_hf.py runs/coco/smile/checkpoint_best.safetensors out/blip-smile
     python scripts/export_hf.py runs/coco/smile/checkpoint_best.safetensors out/blip-smile --push-to-hub user/blip-smile
@@ -10,11 +11,11 @@ The directory loads with stock transformers classes only::
     inputs = processor(images=image, text="a picture of", return_tensors="pt")
     caption = processor.decode(model.generate(**inputs, num_beams=3, max_length=75)[0], skip_special_tokens=True)
 
-The checkpoint's own config supplies the architecture, image size, tokenizer and prompt (the prompt is also
-written to ``smile_blip.json``). A prefix-LM checkpoint (``model.family: prefix``) exports as ``gpt2/`` and ``clip/``
-(ordinary transformers GPT-2 and CLIP vision directories), ``prefix_mapper.safetensors`` and
-``prefix_captioner.json``; ``models.PrefixCaptioner.from_directory(DIR)`` (or ``models.Captioner.from_pretrained``)
-loads it back. ``--push-to-hub`` uploads the directory when you are logged in
+The checkpoint's own config supplies the family, architecture, image size, tokenizer and prompt (BLIP's prompt is
+also written to ``smile_blip.json``). A prefix-LM checkpoint (``model.family: prefix``) exports as ``gpt2/`` and
+``clip/`` (ordinary transformers GPT-2 and CLIP vision directories), ``prefix_mapper.safetensors`` and
+``prefix_captioner.json``. ``models.Captioner.from_pretrained(DIR)`` loads either back (each family's
+``from_exported``). ``--push-to-hub`` uploads the directory when you are logged in
 (``huggingface-cli login``); it is never needed for local use.
 """
 import argparse

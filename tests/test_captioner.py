@@ -128,6 +128,7 @@ def test_compile_keeps_parameter_names_and_outputs(scope):
 @pytest.mark.parametrize("spec", ["mle", "smile", {"mle": 0.01, "smile": 0.99}, {"smile": {"first_token_mle": False}}])
 def test_padding_to_buckets_or_max_length_changes_shapes_not_losses(spec):
     from models import CaptionObjective
+    from models.objectives import caption_loss
 
     torch.manual_seed(0)
     captioner = BlipCaptioner.build("tiny", image_size=32, tokenizer=FIXTURES / "vocab.txt").eval()
@@ -139,7 +140,7 @@ def test_padding_to_buckets_or_max_length_changes_shapes_not_losses(spec):
         captioner.text_padding = padding
         input_ids, attention_mask = captioner.tokenize(captions)
         targets = captioner.build_targets(input_ids, attention_mask)
-        losses[padding], _ = captioner(images, input_ids, attention_mask, targets=targets, objective=objective)
+        losses[padding], _ = caption_loss(captioner, objective, images, input_ids, attention_mask, targets)
         lengths[padding] = input_ids.shape[1]
     # "a caption ..." prompt + 5 words + [SEP] = 10 tokens -> bucket 16 -> 40 (max_text_length).
     assert lengths == {"longest": 10, "bucket": 16, "max_length": captioner.max_text_length}

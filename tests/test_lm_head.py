@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import IGNORE_INDEX, CaptionObjective
-from models.objectives import smile, smile_from_features
+from models.objectives import HeadFeatures, caption_loss, smile, smile_from_features
 from tests.conftest import FIXTURES
 
 CAPTIONS = ["a dog", "a small white cat on a table", "two red balls on the grass a dog"]
@@ -83,7 +83,7 @@ def _step(captioner, objective, plain, seed=0):
     if plain:
         loss, parts = objective(captioner(images, input_ids, attention_mask), targets)
     else:
-        loss, parts = captioner(images, input_ids, attention_mask, targets=targets, objective=objective)
+        loss, parts = caption_loss(captioner, objective, images, input_ids, attention_mask, targets)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in captioner.named_parameters() if p.grad is not None}
     return loss.detach(), {k: v.detach() for k, v in parts.items()}, grads
@@ -114,15 +114,14 @@ def test_mixture_with_mle_uses_plain_logits(monkeypatch):
     assert torch.equal(fused[0], plain[0]) and set(fused[1]) == {"mle", "smile"}
 
 
-def test_forward_without_objective_returns_logits_and_checks_arguments():
+def test_forward_returns_logits_or_the_head_features_that_make_them():
     captioner = _captioner().eval()
     images, input_ids, attention_mask, targets = _batch(captioner)
     logits = captioner(images, input_ids, attention_mask)
     assert logits.shape == (*targets.shape, len(captioner.tokenizer))
-    with pytest.raises(ValueError, match="objective"):
-        captioner(images, input_ids, attention_mask, targets=targets)
-    with pytest.raises(ValueError, match="targets"):
-        captioner(images, input_ids, attention_mask, objective=CaptionObjective("smile"))
+    head = captioner(images, input_ids, attention_mask, head_features=True)
+    assert isinstance(head, HeadFeatures) and head.features.shape[:2] == targets.shape
+    torch.testing.assert_close(head.features @ head.weight.T + head.bias, logits)
 
 
 def test_feature_path_under_cpu_bf16_autocast_is_close_to_fp32():
@@ -130,15 +129,16 @@ def test_feature_path_under_cpu_bf16_autocast_is_close_to_fp32():
     images, input_ids, attention_mask, targets = _batch(captioner)
     images, objective = images.float(), CaptionObjective("smile")
     with torch.no_grad():
-        reference, _ = captioner(images, input_ids, attention_mask, targets=targets, objective=objective)
+        reference, _ = caption_loss(captioner, objective, images, input_ids, attention_mask, targets)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low, _ = captioner(images, input_ids, attention_mask, targets=targets, objective=objective)
+            low, _ = caption_loss(captioner, objective, images, input_ids, attention_mask, targets)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, reference, atol=5e-2, rtol=2e-2)
 
 
 def test_feature_path_through_ddp_matches_plain():
-    """The training step's call: the loss comes out of the DDP-wrapped module (1-process gloo group)."""
+    """The training step's call: ``caption_loss`` on the DDP-wrapped module (1-process gloo group); the head's
+    weight comes out of DDP's forward and its gradient is reduced like every other."""
     import socket
 
     import torch.distributed as dist
@@ -154,7 +154,7 @@ def test_feature_path_through_ddp_matches_plain():
         plain = _step(captioner, objective, plain=True)
         model = DistributedDataParallel(copy.deepcopy(captioner))
         images, input_ids, attention_mask, targets = _batch(captioner)
-        loss, parts = model(images, input_ids, attention_mask, targets=targets, objective=objective)
+        loss, parts = caption_loss(model, objective, images, input_ids, attention_mask, targets)
         loss.backward()
         torch.testing.assert_close(loss.detach(), plain[0])
         for name, param in model.module.named_parameters():
@@ -169,6 +169,6 @@ def test_feature_path_matches_plain_on_cuda_bf16():
     images, input_ids, attention_mask, targets = _batch(captioner)
     images, objective = images.float().cuda(), CaptionObjective("smile")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        fast, _ = captioner(images, input_ids, attention_mask, targets=targets, objective=objective)
+        fast, _ = caption_loss(captioner, objective, images, input_ids, attention_mask, targets)
         plain, _ = objective(captioner(images, input_ids, attention_mask), targets)
     torch.testing.assert_close(fast, plain, atol=5e-2, rtol=2e-2)

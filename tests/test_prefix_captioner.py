@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models import IGNORE_INDEX, CaptionObjective, CheckpointError
+from models.objectives import caption_loss
 from models.prefix_captioner import (
     PrefixCaptioner,
     clipcap_original_loss,
@@ -209,7 +210,7 @@ def test_forward_is_aligned_with_targets(image_captioner):
     torch.testing.assert_close(logits, full[:, captioner.prefix_length - 1 : -1])
     targets = captioner.build_targets(ids, mask)
     plain_mle = CaptionObjective({"mle": {"label_smoothing": 0}})
-    loss, _ = captioner(pixels, ids, mask, targets=targets, objective=plain_mle)
+    loss, _ = caption_loss(captioner, plain_mle, pixels, ids, mask, targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100))
 
 
@@ -235,7 +236,7 @@ def test_smile_from_features_equals_the_naive_formula(image_captioner):
     objective = CaptionObjective("smile")
     assert objective.supports_features
     head = captioner.model.clip_project.model[2].weight
-    loss, _ = captioner(pixels, ids, mask, targets=targets, objective=objective)
+    loss, _ = caption_loss(captioner, objective, pixels, ids, mask, targets)
     (grad,) = torch.autograd.grad(loss, head)
     reference = _naive_smile(captioner(pixels, ids, mask), targets)
     (reference_grad,) = torch.autograd.grad(reference, head)
@@ -272,8 +273,8 @@ def test_frozen_parts_and_token_prefixes(gpt2_dir):
         trainable = {name.split(".")[0] for name, p in captioner.model.named_parameters() if p.requires_grad}
         assert trainable == {"clip_project"}
         ids, mask = captioner.tokenize(["A cat.", "A dog on a mat."])
-        loss, _ = captioner(_pixels(2), ids, mask, targets=captioner.build_targets(ids, mask),
-                            objective=CaptionObjective("mle"))
+        loss, _ = caption_loss(captioner, CaptionObjective("mle"), _pixels(2), ids, mask,
+                               captioner.build_targets(ids, mask))
         loss.backward()
         assert captioner.model.vision.vision_model.embeddings.patch_embedding.weight.grad is None
     one_stage = PrefixCaptioner.build(gpt2=gpt, clip={**TINY_CLIP, "projection_dim": 24}, tokenizer=gpt2_dir,
@@ -328,8 +329,8 @@ def test_a_prefix_config_builds_through_the_engine(gpt2_dir, tmp_path):
     assert isinstance(captioner, PrefixCaptioner) and captioner.image_size == 32
     assert captioner.config.clip_length == 2 and captioner.config.prefix_size == 24 and captioner.config.only_prefix
     ids, mask = captioner.tokenize(["A cat.", "Two dogs!"])
-    loss, parts = captioner(_pixels(2), ids, mask, targets=captioner.build_targets(ids, mask),
-                            objective=CaptionObjective({"mle": 0.1, "smile": 0.9}))
+    loss, parts = caption_loss(captioner, CaptionObjective({"mle": 0.1, "smile": 0.9}), _pixels(2), ids, mask,
+                               captioner.build_targets(ids, mask))
     assert torch.isfinite(loss) and set(parts) == {"mle", "smile"}
     captioner.eval()
     assert len(captioner.generate(_pixels(2), **training.generation_options(config))) == 2

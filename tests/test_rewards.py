@@ -4,8 +4,7 @@ import torch
 
 import metrics.rewards as rewards
 from metrics.clip_metrics import clip_score, load_clip, ref_clip_score
-from metrics.rewards import GrammarHead, RewardMixture, greedy_baseline, load_grammar_model, save_grammar_head
-from metrics_fixtures import image_dir, tiny_clip_dir  # noqa: F401  (fixtures)
+from metrics.rewards import GrammarHead, RewardMixture, load_grammar_model, save_grammar_head
 
 REFS = {1: ["a red dog on the grass", "a dog sitting on the grass"], 2: ["a cat on a table", "a white cat"],
         3: ["a bus in the street", "a large bus parked"]}
@@ -76,14 +75,11 @@ def test_bad_specs_fail_with_the_valid_choices():
         RewardMixture({"cidr": 1.0}, references=REFS)
     with pytest.raises(ValueError, match="unknown option.*valid options"):
         RewardMixture({"cider_d": {"weight": 1.0, "sgima": 2}}, references=REFS)
+    with pytest.raises(ValueError, match="reward.cider_d: weight must be a number, got 'heavy'"):
+        RewardMixture({"cider_d": "heavy"}, references=REFS)
     with pytest.raises(ValueError, match="needs the training references"):
         RewardMixture("cider_d")
     with pytest.raises(ValueError, match="grammar_model"):
         RewardMixture("grammar")
     with pytest.raises(ValueError, match=r"image_index values must lie in \[0, 3\)"):
         RewardMixture("cider_d", references=REFS)(["a"], [5], keys=[1, 2, 3])
-
-
-def test_greedy_baseline():
-    rewards_ = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 1.0])  # B=2, k=2: samples then greedy
-    torch.testing.assert_close(greedy_baseline(rewards_, 2, 2), torch.tensor([0.5, 1.5, 2.0, 3.0]))

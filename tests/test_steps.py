@@ -7,7 +7,7 @@ import torch
 
 from training import steps
 from models import IGNORE_INDEX, CaptionObjective
-from models.objectives import PolicyGradientObjective, policy_gradient_loss, sequence_token_log_probs
+from models.objectives import PolicyGradientObjective, caption_loss, policy_gradient_loss, sequence_token_log_probs
 from tests.conftest import FIXTURES
 
 
@@ -65,8 +65,8 @@ def test_scst_gradient_equals_the_naive_reinforce_gradient(fixture_captioner):
     advantages = torch.tensor([1.0, -0.5, 0.25, 2.0, 0.0, -1.5])
     image_index = torch.arange(2).repeat_interleave(samples)
 
-    loss, parts = captioner(images, ids, mask, targets=targets, image_index=image_index,
-                            objective=PolicyGradientObjective(advantages, 6))
+    loss, parts = caption_loss(captioner, PolicyGradientObjective(advantages, 6), images, ids, mask, targets,
+                               image_index=image_index)
     loss.backward()
     batched = {name: p.grad.clone() for name, p in captioner.named_parameters() if p.grad is not None}
 
@@ -123,8 +123,8 @@ def test_scst_mixed_with_smile_adds_the_reference_rows_in_the_same_forward(fixtu
     images, captions = _images(2), ["a small white cat on a table", "a dog"]
     loss, parts, _ = step(captioner, captioner, images, captions, torch.tensor([1, 2]))
     input_ids, attention_mask = captioner.tokenize(captions)
-    reference, _ = captioner(images, input_ids, attention_mask, objective=smile,
-                             targets=captioner.build_targets(input_ids, attention_mask))
+    reference, _ = caption_loss(captioner, smile, images, input_ids, attention_mask,
+                                captioner.build_targets(input_ids, attention_mask))
     # Constant reward: the SCST term is 0, so the loss is exactly the SMILE term on the references.
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     assert set(parts) == {"scst", "smile"}
@@ -147,6 +147,37 @@ def test_blip_rollouts_are_in_tokenize_layout(fixture_captioner):
     assert torch.equal(greedy, again) and greedy.shape[0] == 2
     targets = captioner.build_targets(ids, mask)
     assert (targets[:, : prompt - 1] == IGNORE_INDEX).all()
+
+
+def test_scst_advantages_subtract_the_greedy_reward_or_the_mean_of_the_other_samples():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 1.0], dtype=torch.float64)  # B=2, k=2: samples, then greedy
+    advantages, baselines = steps.scst_advantages(rewards, 2, 2, "greedy")
+    torch.testing.assert_close(advantages, torch.tensor([0.5, 1.5, 2.0, 3.0], dtype=torch.float64))
+    assert baselines.tolist() == [[0.5], [1.0]]
+    samples = torch.tensor([1.0, 2.0, 6.0, 3.0, 3.0, 3.0], dtype=torch.float64)  # B=2, k=3, no greedy
+    advantages, _ = steps.scst_advantages(samples, 2, 3, "mean_of_others")
+    naive = [samples[i] - (samples[3 * (i // 3): 3 * (i // 3) + 3].sum() - samples[i]) / 2 for i in range(6)]
+    torch.testing.assert_close(advantages, torch.stack(naive))
+    with pytest.raises(ValueError, match="expected 6 rewards"):
+        steps.scst_advantages(rewards[:4], 2, 2, "greedy")
+
+
+def test_a_non_numeric_reward_weight_fails_at_config_load_naming_key_and_value(tmp_path, capsys):
+    import train_caption
+    import training
+    import utils
+
+    config = tmp_path / "scst.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nobjective: {{scst: {{reward: {{cider_d: heavy}}}}}}\n")
+    message = "objective.scst.reward.cider_d: weight must be a number, got 'heavy'"
+    with pytest.raises(utils.ConfigError, match=message.replace(".", r"\.")):
+        training.load_config(config)
+    with pytest.raises(utils.ConfigError, match=r"objective\.scst\.reward: unknown reward 'bleu'"):
+        training.load_config(config, ["objective={scst: {reward: {bleu: 1.0}}}"])
+    # The entry point: one line on stderr, status 2, before any output folder exists.
+    assert utils.run_cli(train_caption.main, training.USER_ERRORS, ["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "run").exists()
 
 
 def test_objective_spec_is_checked_before_anything_is_built():
@@ -232,7 +263,7 @@ _CAPTIONS = ["a dog", "a small white cat on a wooden table", "two people", "a re
 
 @pytest.mark.parametrize("objective", ["mle", {"mle": 0.3, "smile": 0.7}])
 def test_micro_batches_of_8_times_4_equal_one_batch_of_32(fixture_captioner, objective):
-    """Issue 16's proof: batch 32 accumulated as 4 micro-batches of 8 gives the same loss, gradients and
+    """Batch 32 accumulated as 4 micro-batches of 8 gives the same loss, gradients and
     parameters as batch 32 in one step. The captions' lengths differ, so a mean of micro-batch means would not
     match (checked below); the token-weighted shares do."""
     captioner = _without_dropout(fixture_captioner)

@@ -19,23 +19,35 @@ GPT2_GROUPS = frozenset({"ppl"})
 
 def _needs(config: dict) -> dict[str, set]:
     """Which config keys name a toy CLIP / GPT-2 this run will load: evaluation metrics, SCST rewards, and the
-    parts of a prefix captioner (model.family: prefix)."""
+    parts the captioner's family loads (its ``config_sources`` of kind "clip" / "gpt2", e.g. a prefix LM's)."""
     groups = set(config["eval"]["metrics"])
-    objective = config.get("objective")
-    scst = objective.get("scst") or {} if isinstance(objective, dict) and "scst" in objective else None
-    rewards = () if scst is None else scst.get("reward", "cider_d")  # cider_d: steps.SCST_DEFAULTS
-    reward_names = {rewards} if isinstance(rewards, str) else set(rewards)
     needs = {"clip": set(), "gpt2": set()}
-    if groups & CLIP_GROUPS or reward_names & {"clip_s", "ref_clip_s"}:
+    if groups & CLIP_GROUPS:
         needs["clip"].add(config["eval"]["clip_model"])
+    reward_clip = _reward_clip(config.get("objective"))
+    if reward_clip is not None:
+        needs["clip"].add(reward_clip)
     if groups & GPT2_GROUPS:
         needs["gpt2"].add(config["eval"]["ppl_model"])
-    if config.get("model", {}).get("family") == "prefix":
-        prefix = config["model"].get("prefix") or {}
-        for kind in ("clip", "gpt2"):
-            if isinstance(prefix.get(kind), str):
-                needs[kind].add(prefix[kind])
+    if "model" in config:
+        from models.families import captioner_family
+
+        for _, source, kind in captioner_family(config["model"]).config_sources(config["model"]):
+            if kind in needs and isinstance(source, str):
+                needs[kind].add(source)
     return needs
+
+
+def _reward_clip(objective) -> str | None:
+    """The CLIP the objective's SCST rewards load (``objective.scst.clip_model``; training.steps, the one reader of
+    that spec), or None when no reward uses CLIP."""
+    if objective is None:
+        return None
+    from training.steps import CLIP_REWARDS, reward_names, split_objective
+
+    if not any(name in CLIP_REWARDS for name in reward_names(objective) or ()):
+        return None
+    return split_objective(objective)[0]["clip_model"]
 
 
 def built_on_first_use(config: dict, source: str | Path) -> bool:

@@ -1,6 +1,8 @@
 """Builders: the captioner ``model.family`` names, its optimizer, and the learning-rate schedule."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import utils
@@ -23,12 +25,51 @@ def build_captioner(config: dict, device: torch.device, pretrained: str | None =
     return captioner
 
 
-def build_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
-    """AdamW as BLIP (weight decay on every parameter); fused on CUDA."""
+def build_optimizer(captioner: CaptionModel, config: dict) -> torch.optim.Optimizer:
+    """AdamW over the captioner's ``parameter_groups`` (trainable parameters only); fused on CUDA.
+
+    ``train.decay_all_parameters`` (default true) puts ``train.weight_decay`` on every trainable parameter, as
+    BLIP's train_caption.py does; false leaves norms, biases and embeddings undecayed (models/parameter_groups.py).
+    The optimizer also reads a state saved by a single-group AdamW over every parameter, frozen ones included
+    (``_regroup_single_group_state``), so such checkpoints still resume.
+    """
     train_config = config["train"]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(model.parameters(), lr=train_config["lr"], weight_decay=train_config["weight_decay"],
-                             fused=fused)
+    groups = captioner.parameter_groups(train_config["weight_decay"],
+                                        decay_all=train_config.get("decay_all_parameters", True))
+    fused = captioner.device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=train_config["lr"], weight_decay=train_config["weight_decay"],
+                                  fused=fused)
+    optimizer.register_load_state_dict_pre_hook(functools.partial(_regroup_single_group_state,
+                                                                  list(captioner.parameters())))
+    return optimizer
+
+
+def _regroup_single_group_state(every_parameter: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                                state_dict: dict) -> dict | None:
+    """``load_state_dict`` pre-hook: a state saved by ``AdamW(captioner.parameters())`` -> this optimizer's groups.
+
+    Such a state has one group indexing every parameter in ``parameters()`` order, frozen ones included; when this
+    optimizer's groups differ (frozen parameters left out, or norms and biases in a group without decay), each
+    parameter's moments move to its index here, and each group keeps the saved hyperparameters with its own
+    weight decay. Any other mismatch is left to torch's own error.
+    """
+    saved, current = state_dict["param_groups"], optimizer.param_groups
+    if [len(group["params"]) for group in saved] == [len(group["params"]) for group in current]:
+        return None
+    if len(saved) != 1 or len(saved[0]["params"]) != len(every_parameter):
+        return None
+    saved_index = {id(p): index for p, index in zip(every_parameter, saved[0]["params"])}
+    state, groups, index = {}, [], 0
+    for group in current:
+        indices = []
+        for param in group["params"]:
+            old = saved_index[id(param)]
+            if old in state_dict["state"]:
+                state[index] = state_dict["state"][old]
+            indices.append(index)
+            index += 1
+        groups.append({**saved[0], "weight_decay": group["weight_decay"], "params": indices})
+    return {"state": state, "param_groups": groups}
 
 
 def learning_rate(config: dict, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:

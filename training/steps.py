@@ -3,7 +3,8 @@ shared (training.train_one_epoch); a kind of step is one small class with one si
 
     step(model, captioner, images, captions, image_ids) -> (loss, parts, stats)
 
-* ``loss``: scalar, already scaled so that DDP's gradient average is the mean over the *global* batch;
+* ``loss``: scalar, already scaled so that DDP's gradient average is the mean over the *global* batch, computed
+  by ``models.objectives.caption_loss`` (the one place an objective meets a model family);
 * ``parts``: the objective's unweighted terms (logged as ``loss_<name>``);
 * ``stats``: other numbers worth logging (rewards, advantage, sample length), scalar tensors.
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 import utils
 from metrics._common import hf_features
 from models import IGNORE_INDEX, CaptionObjective
-from models.objectives import PG_NORMALIZATIONS, PolicyGradientObjective
+from models.objectives import PG_NORMALIZATIONS, PolicyGradientObjective, caption_loss
 
 logger = logging.getLogger("smile_blip")
 
@@ -46,8 +47,9 @@ SCST = "scst"
 BASELINES = ("greedy", "mean_of_others")
 # The reference's settings (j-min/CLIP-Caption-Reward): 5 samples, at most 20 words, greedy baseline.
 SCST_DEFAULTS = {"weight": 1.0, "reward": "cider_d", "samples": 5, "baseline": "greedy", "max_tokens": 20,
-                 "normalize": "tokens", "grammar_model": None}
+                 "normalize": "tokens", "grammar_model": None, "clip_model": "openai/clip-vit-base-patch32"}
 CLIP_REWARDS = ("clip_s", "ref_clip_s")
+REWARD_KEY = "objective.scst.reward"
 
 
 def scored_tokens(targets: torch.Tensor) -> torch.Tensor:
@@ -118,27 +120,46 @@ def split_objective(spec) -> tuple[dict | None, str | dict | None]:
     return scst, (rest or None)
 
 
-def reward_names(spec) -> list[str] | None:
-    """The reward names of ``objective``'s SCST part (``[]`` without one); None when ``reward`` is malformed."""
+def reward_names(spec) -> list[str]:
+    """The reward names of ``objective``'s SCST part (``[]`` without one). ``spec`` is valid (``check_objective``)."""
     scst, _ = split_objective(spec)
     if scst is None:
         return []
-    reward = scst["reward"]
-    return [reward] if isinstance(reward, str) else list(reward) if isinstance(reward, Mapping) else None
+    from metrics.rewards import parse_reward_spec
+
+    return [name for name, _, _ in parse_reward_spec(scst["reward"], key=REWARD_KEY)]
 
 
 def check_objective(spec) -> None:
-    """Validate ``objective`` (SCST options, reward names, token-level parts) without loading any model."""
+    """Validate ``objective`` without loading any model: the SCST options, the reward mixture (names, weights,
+    options) and the token-level parts. training.load_config calls it, so that a bad value is a one-line config
+    error naming its key before any output folder or model exists."""
     scst, token_spec = split_objective(spec)
     if token_spec is not None:
         CaptionObjective(token_spec)
     if scst is not None:
-        from metrics.rewards import REWARDS
+        reward_names(spec)
 
-        names = reward_names(spec)
-        if not names or any(name not in REWARDS for name in names):
-            raise ValueError(f"objective.scst.reward must be a reward name or a mapping name -> weight, got "
-                             f"{scst['reward']!r}; valid names: {sorted(REWARDS)}")
+
+def scst_advantages(rewards: torch.Tensor, num_images: int, samples: int,
+                    baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCST's advantages (B*k,) and the baselines (B, 1) they subtract.
+
+    ``rewards``: the B*k samples' rewards, image-major (image 0's k samples first), followed for ``baseline:
+    greedy`` by the B greedy captions' rewards. ``greedy``: sample reward - the image's greedy reward (Rennie et al.
+    2017). ``mean_of_others``: sample reward - the mean of the image's other k - 1 samples (Luo 2020), computed as
+    ``k / (k - 1) * (x - mean)``, since ``x - (sum - x) / (k - 1)`` equals that.
+    """
+    expected = num_images * samples + (num_images if baseline == "greedy" else 0)
+    if rewards.shape != (expected,):
+        raise ValueError(f"expected {expected} rewards (B*k samples{', then B greedy' if baseline == 'greedy' else ''}"
+                         f"), got shape {tuple(rewards.shape)}")
+    sample_rewards = rewards[: num_images * samples].view(num_images, samples)
+    if baseline == "greedy":
+        baselines = rewards[num_images * samples:].unsqueeze(1)
+        return (sample_rewards - baselines).reshape(-1), baselines
+    baselines = sample_rewards.mean(dim=1, keepdim=True)
+    return (samples / (samples - 1) * (sample_rewards - baselines)).reshape(-1), baselines
 
 
 class _TwoPhaseStep:
@@ -164,10 +185,8 @@ class TeacherForcedStep(_TwoPhaseStep):
 
     def loss(self, model, captioner, prepared: Prepared, shares: torch.Tensor):
         work = prepared.work
-        # The loss is computed inside the (DDP-wrapped) forward so that pure SMILE can use its token-set head
-        # instead of full-vocabulary logits.
-        loss, parts = model(prepared.images, work["input_ids"], work["attention_mask"], targets=work["targets"],
-                            objective=self.objective)
+        loss, parts = caption_loss(model, self.objective, prepared.images, work["input_ids"],
+                                   work["attention_mask"], work["targets"])
         return loss * shares[0], parts, {}
 
     def __repr__(self) -> str:
@@ -217,12 +236,7 @@ class ScstStep(_TwoPhaseStep):
         total, reward_parts = self.rewards(scored, reward_index.cpu(), images=features, keys=image_ids.tolist())
         total = total.to(images.device, torch.float64)  # float64: equal rewards give exactly zero advantage
         sample_rewards = total[: batch * samples].view(batch, samples)
-        if greedy is not None:
-            baseline = total[batch * samples:].unsqueeze(1)  # (B, 1)
-            advantages = (sample_rewards - baseline).reshape(-1)
-        else:  # Luo's variant, the mean reward of the image's other samples: x - (sum - x)/(k-1) = k/(k-1) (x - mean)
-            baseline = sample_rewards.mean(dim=1, keepdim=True)
-            advantages = (samples / (samples - 1) * (sample_rewards - baseline)).reshape(-1)
+        advantages, baseline = scst_advantages(total, batch, samples, options["baseline"])
         advantages = advantages.float()
         clock.lap("rewards")
 
@@ -254,8 +268,8 @@ class ScstStep(_TwoPhaseStep):
         objective = PolicyGradientObjective(work["advantages"], n, weight=self.options["weight"],
                                             normalize=self.options["normalize"], token_objective=self.token_objective,
                                             scales=(shares[0], shares[1]))
-        loss, parts = model(prepared.images, work["input_ids"], work["attention_mask"], targets=work["targets"],
-                            objective=objective, image_index=work["image_index"])
+        loss, parts = caption_loss(model, objective, prepared.images, work["input_ids"], work["attention_mask"],
+                                   work["targets"], image_index=work["image_index"])
         work["clock"].lap("forward")
         return loss, parts, work["stats"]
 
@@ -350,20 +364,18 @@ def _pad_and_stack(ids: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[
     return torch.cat(padded), torch.cat(padded_masks)
 
 
-def build_step(config: dict, captioner, train_dataset, device: torch.device):
-    """The training step the config's ``objective`` names (see the module docstring)."""
+def build_step(config: dict, captioner, source, device: torch.device):
+    """The training step the config's ``objective`` names (see the module docstring); SCST's references come from
+    the training ``source`` (data/sources.py ``CaptionSource``)."""
     scst, token_spec = split_objective(config["objective"])
     token_objective = CaptionObjective(token_spec) if token_spec is not None else None
     if scst is None:
         return TeacherForcedStep(token_objective)
     from metrics.rewards import RewardMixture
 
-    references: dict[int, list[str]] = {}
-    for _, caption, image_id in train_dataset.samples:
-        references.setdefault(image_id, []).append(caption)
     rewards = RewardMixture(
-        scst["reward"], references=references, annotation_files=[str(p) for p in train_dataset.annotation_files],
-        cache_dir=Path(config["model"]["cache_dir"]).expanduser() / "cider_d", clip_model=config["eval"]["clip_model"],
+        scst["reward"], references=source.references(), annotation_files=[str(p) for p in source.reference_files()],
+        cache_dir=Path(config["model"]["cache_dir"]).expanduser() / "cider_d", clip_model=scst["clip_model"],
         grammar_model=scst["grammar_model"], device=device,
     )
     return ScstStep(scst, token_objective, rewards)
