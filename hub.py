@@ -5,8 +5,8 @@ Every ``from_pretrained`` of the project goes through `from_pretrained` here, an
 `require_url` before it is downloaded:
 
 * a local folder or file is passed straight through (the hub is never asked about it);
-* a name that can only be a path (absolute, ``./``, ``~``, two or more ``/``, a file suffix) but does not exist is
-  a `MissingLocalPath`, never a hub request;
+* a name that can only be a path (absolute, ``./``, ``../``, ``~``, two or more ``/``, a file suffix, or any other
+  name the hub would refuse as a model id) but does not exist is a `MissingLocalPath`, never a hub request;
 * with ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) only the local hub cache is used;
 * otherwise one short probe (a HEAD request to the hub endpoint, ``HF_ENDPOINT``, with huggingface_hub's own
   HTTP client, so the proxy variables apply as they would to the download) says whether the hub can be reached,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +35,10 @@ PROBE_TIMEOUT_S = 5.0
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # Suffixes that make a name a file, never a hub repository (a hub id such as "gpt2" or "owner/name" has none).
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".txt", ".json", ".yaml", ".yml", ".model")
+# A model id the hub accepts (huggingface_hub's validate_repo_id): [owner/]name, each part of letters, digits, "_",
+# "-" and ".", starting and ending with a letter, digit or "_", no "--" or "..", at most 96 characters.
+_HUB_ID_PART = r"(?![-.])[\w.-]+(?<![-.])"
+HUB_ID = re.compile(rf"(?:{_HUB_ID_PART}/)?{_HUB_ID_PART}")
 HINT = ("set HF_HUB_OFFLINE=1 to use only the local hub cache (after fetching the model once on a machine with "
         "network), or give a local folder")
 
@@ -67,13 +72,18 @@ def is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def must_be_local(source: str | Path) -> bool:
-    """True when ``source`` can only mean a local path: absolute, ``.``/``~``-relative, two or more ``/``, a
-    backslash, or a file suffix. ``gpt2``, ``bert-base-uncased`` and ``owner/name`` are hub ids unless they
-    exist on disk."""
+def could_be_hub_id(source: str | Path) -> bool:
+    """Whether the hub would accept ``source`` as a model id (``gpt2``, ``owner/name``) and it has no file suffix."""
     text = str(source)
-    return (text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
-            or Path(text).suffix.lower() in FILE_SUFFIXES)
+    return (len(text) <= 96 and HUB_ID.fullmatch(text) is not None and "--" not in text and ".." not in text
+            and Path(text).suffix.lower() not in FILE_SUFFIXES)
+
+
+def must_be_local(source: str | Path) -> bool:
+    """True when ``source`` can only mean a local path: absolute, ``./``/``../``/``~``-relative, two or more ``/``,
+    a backslash, a space, a file suffix: anything the hub would refuse as a model id (`could_be_hub_id`).
+    ``gpt2``, ``bert-base-uncased`` and ``owner/name`` are hub ids unless they exist on disk."""
+    return not could_be_hub_id(source)
 
 
 def is_url(source: str | Path) -> bool:

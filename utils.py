@@ -168,10 +168,16 @@ def validate(config: dict, defaults: dict, free_form: set[str] = frozenset(), _p
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = (), defaults_path: str | Path | None = None,
-                free_form: set[str] = frozenset()) -> dict:
-    """The resolved config: defaults <- file (with its bases) <- ``--opt`` overrides, validated."""
+                free_form: set[str] = frozenset(), upgrade: Callable[[dict], dict] | None = None) -> dict:
+    """The resolved config: defaults <- file (with its bases) <- ``--opt`` overrides, validated.
+
+    ``upgrade(content) -> content`` sees the keys the file and the overrides set, before validation: the caller's
+    chance to move keys of an older layout to their new place (and warn).
+    """
     defaults = _read_yaml(Path(defaults_path)) if defaults_path else {}
     content = apply_overrides(load_yaml_with_bases(path), overrides)
+    if upgrade is not None:
+        content = upgrade(content)
     if defaults_path:
         validate(content, defaults, free_form)
     return merge(defaults, content)
@@ -182,6 +188,60 @@ def get_by_path(config: dict, dotted: str) -> Any:
     for key in dotted.split("."):
         node = node[key]
     return node
+
+
+def require_path(key: str, value: Any, folder: bool = False) -> None:
+    """Raise a `ConfigError` naming ``key`` when the file (or, with ``folder``, the folder) ``value`` is missing."""
+    path = Path(str(value)).expanduser()
+    if not (path.is_dir() if folder else path.exists()):
+        what = "folder" if folder else "file"
+        raise ConfigError(f"{key}: {what} {value} not found ({path.absolute()})")
+
+
+def parse_weighted_spec(spec: Any, what: str, valid_options: dict[str, list[str]], key: str | None = None,
+                        non_negative: bool = False) -> list[tuple[str, float, dict]]:
+    """A weighted mixture as YAML writes it -> ``[(name, weight, options), ...]`` in the spec's order.
+
+    The one parser of the project's mixtures (training objectives, SCST rewards). Accepted forms::
+
+        smile                                          # one name, weight 1
+        {mle: 0.01, smile: 0.99}                       # name -> weight
+        {smile: {weight: 0.99, first_token_mle: false}, mle: 0.01}   # name -> weight and options
+
+    Args:
+        spec: the YAML value.
+        what: what a name is ("objective", "reward"), for the messages.
+        valid_options: every valid name -> the option names it accepts (besides ``weight``).
+        key: the config key the spec sits at (``objective.scst.reward``), named in each message; default ``what``.
+        non_negative: reject negative weights too.
+
+    Raises ValueError naming the key, the name and the value, and listing the valid choices.
+    """
+    from collections.abc import Mapping
+
+    key = key or what
+    names = sorted(valid_options)
+    if isinstance(spec, str):
+        spec = {spec: 1.0}
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(f"{key} must be a name or a mapping name -> weight/options, got {spec!r}; "
+                         f"valid names: {names}")
+    parsed = []
+    for name, value in spec.items():
+        if name not in valid_options:
+            raise ValueError(f"{key}: unknown {what} {name!r}; valid names: {names}")
+        options = dict(value) if isinstance(value, Mapping) else {}
+        weight = options.pop("weight", 1.0) if isinstance(value, Mapping) else value
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or math.isnan(weight)
+                or (non_negative and weight < 0)):
+            kind = "a non-negative number" if non_negative else "a number"
+            raise ValueError(f"{key}.{name}: weight must be {kind}, got {weight!r}")
+        unknown = sorted(set(options) - set(valid_options[name]))
+        if unknown:
+            raise ValueError(f"{key}.{name}: unknown option(s) {unknown}; "
+                             f"valid options: {['weight', *valid_options[name]]}")
+        parsed.append((name, float(weight), options))
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,7 +575,7 @@ def cosine_lr(step_or_epoch: float, total: float, base_lr: float, min_lr: float 
 # CPU threads. torch sizes its intra-op pool to the machine's cores, ignoring the affinity mask, a container's
 # CPU quota, the DataLoader workers and everything else running. Its OpenMP threads meet at a barrier after
 # every op, so one thread that loses its core stalls them all: on a 2-core machine with other jobs, the toy CLIP
-# trained 3.5-4.5x slower on 2 threads than on 1 (issue 20). The project sizes the pool itself, once per process.
+# trained 3.5-4.5x slower on 2 threads than on 1. The project sizes the pool itself, once per process.
 # ---------------------------------------------------------------------------------------------------------------
 
 

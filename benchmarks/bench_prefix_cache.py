@@ -71,9 +71,10 @@ def build_config(args, work: Path, toy: dict, cache: str) -> dict:
             "gpt2": {"vocab_size": 453, **GPT2[args.gpt2]}, "clip": clip, "tokenizer": str(tokenizer),
             "mapping_type": "mlp", "prefix_length": 10}},
         "data": {"image_root": str(toy["image_root"]), "train_files": [str(train_file)], "augment": False,
-                 "num_workers": args.workers, "feature_cache": cache, "feature_cache_dir": str(work / "features")},
-        "train": {"batch_size": args.batch, "lr": 1.0e-5, "amp": True},
-        "eval": {"batch_size": args.batch},
+                 "num_workers": args.workers, "feature_cache": cache, "feature_cache_dir": str(work / "features"),
+                 "feature_cache_batch_size": args.batch},
+        "amp": True,
+        "train": {"batch_size": args.batch, "lr": 1.0e-5},
     }
     path = work / f"bench_{cache}.yaml"
     import yaml
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     loaders, build_seconds = {}, None
     for name, config in configs.items():
         start = time.perf_counter()
-        loader, _ = training.build_train_loader(config, captioner)
+        loader = training.build_train_loader(config, captioner).loader
         if name == "cached":
             build_seconds = time.perf_counter() - start
             cache_file = loader.dataset.cache_file
@@ -153,7 +154,7 @@ def main(argv=None) -> None:
     tower = args.clip or f"random {args.tower} ({TOWERS[args.tower]['num_hidden_layers']} layers, width "\
                          f"{TOWERS[args.tower]['hidden_size']}, {TOWERS[args.tower]['image_size']} px)"
     print(f"prefix captioner: tower {tower}; GPT-2 {args.gpt2}; batch {args.batch}; {args.images} toy images; "
-          f"{args.workers} loader workers; device {device}; bf16 autocast {device.type == 'cuda' and configs['cached']['train']['amp']}")
+          f"{args.workers} loader workers; device {device}; bf16 autocast {device.type == 'cuda' and configs['cached']['amp']}")
     for name, value in per_second.items():
         print(f"  {name:9s} {value:9.1f} images/s   (best of {args.rounds} rounds of {args.steps} steps)")
     print(f"  ratio cached / uncached: {per_second['cached'] / per_second['uncached']:.2f}x")

@@ -23,7 +23,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from training import steps  # noqa: E402
 from machine import describe_machine  # noqa: E402
-from data import CaptionTrainDataset, caption_collate, ensure_toy_dataset  # noqa: E402
+from data import AnnotationSource, CaptionTrainDataset, caption_collate, ensure_toy_dataset  # noqa: E402
 from imaging import eval_transform  # noqa: E402
 from metrics.rewards import RewardMixture  # noqa: E402
 from models import BlipCaptioner  # noqa: E402
@@ -60,11 +60,8 @@ def main(argv=None) -> dict:
                                   per_image=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, collate_fn=caption_collate,
                                          drop_last=True)
-    references: dict[int, list[str]] = {}
-    for _, caption, image_id in dataset.samples:
-        references.setdefault(image_id, []).append(caption)
-    rewards = RewardMixture(json.loads(args.reward), references=references, clip_model=args.clip_model,
-                            device=device, cache_dir=workdir / "cider_d")
+    rewards = RewardMixture(json.loads(args.reward), references=AnnotationSource(dataset).references(),
+                            clip_model=args.clip_model, device=device, cache_dir=workdir / "cider_d")
     scst, _ = steps.split_objective({"scst": {"samples": args.samples, "max_tokens": args.max_tokens}})
     step = steps.ScstStep(scst, None, rewards)
     optimizer = torch.optim.AdamW(captioner.parameters(), lr=1e-5)

@@ -1,7 +1,8 @@
-"""Datasets, transforms, collate functions and the synthetic toy set for BLIP caption fine-tuning.
+"""Datasets, training-data sources (data/sources.py: what ``data.source`` selects), transforms, collate functions
+and the synthetic toy set for BLIP caption fine-tuning.
 
-data/ depends on no other package of this project; captions leave it as strings and the caller
-tokenises them.
+data/ uses only imaging.py and utils.py of this project (no model code); captions leave it as strings and the
+caller tokenises them.
 """
 
 from data.captions import image_id_from_path, pre_caption
@@ -15,15 +16,14 @@ from data.datasets import (
     eval_collate,
     load_annotations,
 )
+from data.sources import SOURCES, AnnotationSource, CaptionSource, EpochPosition
 from data.transforms import (
     BLIP_RANDAUGMENT_OPS,
     CLIP_MEAN,
     CLIP_STD,
     BlipRandAugment,
-    build_eval_transform,
     build_train_transform,
 )
-
 
 
 def __getattr__(name: str):
@@ -38,15 +38,18 @@ def __getattr__(name: str):
 
 __all__ = [
     "AnnotationError",
+    "AnnotationSource",
     "BLIP_RANDAUGMENT_OPS",
     "BlipRandAugment",
     "CLIP_MEAN",
     "CLIP_STD",
     "CaptionEvalDataset",
+    "CaptionSource",
     "CaptionTrainDataset",
+    "EpochPosition",
     "ImageLoadError",
+    "SOURCES",
     "build_coco_gt",
-    "build_eval_transform",
     "build_train_transform",
     "caption_collate",
     "ensure_toy_dataset",

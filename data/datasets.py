@@ -1,6 +1,6 @@
 """Caption datasets over BLIP's Karpathy-split annotation files, COCO ground truth, and collate.
 
-Annotation formats (see the project's DATA_FORMATS notes):
+Annotation formats (docs/data.md, "Annotation files and image folders"):
 
 - train: a JSON list with one entry per caption, ``{"image": "val2014/COCO_...391895.jpg",
   "caption": str, "image_id": "coco_391895"}``. We also accept a list of captions in one entry,
@@ -178,7 +178,7 @@ class _ImageFileDataset(Dataset):
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image_root is not a directory: {self.image_root}")
         if not callable(transform):
-            raise TypeError(f"transform must be callable (e.g. build_eval_transform(384)), got {transform!r}")
+            raise TypeError(f"transform must be callable (e.g. imaging.eval_transform(384)), got {transform!r}")
         self.transform = transform
         self.skip_bad_images = skip_bad_images
 
@@ -215,7 +215,8 @@ class CaptionTrainDataset(_ImageFileDataset):
     With ``per_image``, one sample per image instead, its caption drawn at random (Python's ``random``, so
     seeded and restored with the run) from that image's captions: an epoch of self-critical training visits every
     image once, as the SCST reference does, instead of once per caption. ``samples`` always lists every
-    (image, caption, image id), e.g. for the CIDEr-D references.
+    (image, caption, image id); training reads them through the annotation source (data/sources.py), e.g. for the
+    CIDEr-D references.
 
     Captions are normalised with BLIP's `pre_caption(caption, max_words)` at construction, so
     an annotation that normalises to "" fails immediately (naming file and index) rather than
@@ -257,6 +258,10 @@ class CaptionTrainDataset(_ImageFileDataset):
 
     def __len__(self) -> int:
         return len(self.images) if self.per_image else len(self.samples)
+
+    def image_paths(self) -> list[str]:
+        """The image paths (relative to ``image_root``), each once, in order of first appearance."""
+        return list(dict.fromkeys(image_path for image_path, _, _ in self.samples))
 
     def entry(self, index: int) -> tuple[str, str, int]:
         """(relative image path, caption, image id) of sample ``index``; in ``per_image`` mode the caption is drawn

@@ -27,14 +27,15 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import CaptionTrainDataset, _ImageFileDataset
 import utils
+from data.datasets import CaptionTrainDataset, _ImageFileDataset
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,16 @@ MISSING = "missing"
 # ------------------------------------------------------------------------------------------------------ paths
 
 
-def unique_image_paths(dataset: CaptionTrainDataset) -> list[str]:
-    """The training set's image paths (relative to its ``image_root``), each once, in order of first appearance."""
-    return list(dict.fromkeys(image_path for image_path, _, _ in dataset.samples))
+@dataclass(frozen=True)
+class ImageFiles:
+    """The images a cache holds: ``paths`` (each once) relative to ``root``, read with ``transform`` (a path that
+    cannot be read is skipped, its row marked absent, when ``skip_bad_images``; else an `ImageLoadError`). A
+    training source describes its images this way (data/sources.py ``CaptionSource.image_files``)."""
+
+    root: Path
+    paths: list[str]
+    transform: Callable
+    skip_bad_images: bool = True
 
 
 def image_stamp(path: Path) -> str:
@@ -211,27 +219,27 @@ def build_feature_cache(path: str | Path, image_root: str | Path, paths: list[st
     return path
 
 
-def ensure_feature_cache(dataset: CaptionTrainDataset, cache_dir: str | Path, feature_key: str,
+def ensure_feature_cache(images: ImageFiles, cache_dir: str | Path, feature_key: str,
                          encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64,
                          num_workers: int = 0, description: dict | None = None) -> Path:
-    """The cache file holding ``feature_key``'s features of every image of ``dataset`` (encoded through
-    ``dataset.transform``, which ``feature_key`` must describe), built if need be.
+    """The cache file holding ``feature_key``'s features of every one of ``images`` (encoded through
+    ``images.transform``, which ``feature_key`` must describe), built if need be.
 
     Reuses an existing file that covers the training set's images with unchanged stamps; otherwise builds it
     (``build_feature_cache``) while holding a lock beside it, so that of several processes one builds and the
     others wait and then reuse it. ``description`` (e.g. the model source) is stored in the metadata.
     """
-    paths = unique_image_paths(dataset)
-    stamps = [image_stamp(dataset.image_root / image_path) for image_path in paths]
-    path = cache_file_path(cache_dir, feature_key, dataset.image_root)
+    paths = images.paths
+    stamps = [image_stamp(Path(images.root) / image_path) for image_path in paths]
+    path = cache_file_path(cache_dir, feature_key, images.root)
     if is_current(read_cache_metadata(path), feature_key, paths, stamps):
         return path
     with utils.exclusive_lock(path.with_suffix(".lock")):
         if is_current(read_cache_metadata(path), feature_key, paths, stamps):  # another process built it
             return path
         logger.info("building the feature cache %s: %d images", path, len(paths))
-        build_feature_cache(path, dataset.image_root, paths, stamps, feature_key, dataset.transform, encode,
-                            batch_size=batch_size, num_workers=num_workers, skip_bad_images=dataset.skip_bad_images,
+        build_feature_cache(path, images.root, paths, stamps, feature_key, images.transform, encode,
+                            batch_size=batch_size, num_workers=num_workers, skip_bad_images=images.skip_bad_images,
                             description=description)
     return path
 
@@ -245,8 +253,7 @@ class CachedFeatureDataset(Dataset):
     Same length, order and captions as the wrapped dataset (``per_image`` too: the same ``random.choice`` per
     item), so ``caption_collate`` stacks features (B, D) or (B, N, D) where it stacked images (B, 3, S, S), and a
     cached run draws the same batches as an uncached one. An image that could not be read when the cache was
-    built yields None, which the collate drops and counts, as a skipped image. ``samples``,
-    ``annotation_files``, ``per_image``, ``images`` and ``image_root`` are the wrapped dataset's.
+    built yields None, which the collate drops and counts, as a skipped image. ``dataset`` is the wrapped one.
 
     The file is opened lazily in each process (a DataLoader worker gets its own memory map) and rows are read one
     at a time, so the dataset never holds the cache in memory.
@@ -264,24 +271,12 @@ class CachedFeatureDataset(Dataset):
             present = handle.get_tensor("present")
             self.feature_shape = tuple(handle.get_slice("features").get_shape()[1:])
         self.rows = {image_path: row for row, image_path in enumerate(metadata["paths"])}
-        absent = [image_path for image_path in unique_image_paths(dataset) if image_path not in self.rows]
+        absent = [image_path for image_path in dataset.image_paths() if image_path not in self.rows]
         if absent:
             raise ValueError(f"{self.cache_file} lacks {len(absent)} image(s) of the training set, e.g. "
                              f"{absent[:3]}; build it with ensure_feature_cache")
         self.present = present.bool().tolist()
         self._handle = self._features = None  # the open file and its "features" slice, per process
-
-    @property
-    def samples(self):
-        return self.dataset.samples
-
-    @property
-    def annotation_files(self):
-        return self.dataset.annotation_files
-
-    @property
-    def per_image(self) -> bool:
-        return self.dataset.per_image
 
     def __len__(self) -> int:
         return len(self.dataset)

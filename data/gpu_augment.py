@@ -529,12 +529,11 @@ def decode_and_augment(batch: EncodedImageBatch, device: torch.device | str, ima
 
 
 class DevicePipeline(NamedTuple):
-    """What the training loader needs: the dataset's transform, the loader's collate, and the function that
-    turns the collated images into the model's input on the device."""
+    """What the training loader needs: the dataset's transform and the loader's collate. The collated images become
+    the model's input on the device where the loop moves them there (``EncodedImageBatch.to(device)``)."""
 
     worker_transform: EncodedImageTransform
     collate: Callable
-    on_device: Callable[[EncodedImageBatch, torch.device], torch.Tensor]
 
 
 def build_device_pipeline(image_size: int, min_scale: float = 0.5, max_scale: float = 1.0,
@@ -542,9 +541,7 @@ def build_device_pipeline(image_size: int, min_scale: float = 0.5, max_scale: fl
     """BLIP's train augmentation (the arguments of `build_train_transform`) split between workers and a device.
 
     Use ``worker_transform`` as `CaptionTrainDataset`'s transform and ``collate`` as the DataLoader's; each batch's
-    images then arrive as an `EncodedImageBatch`, and ``on_device(images, device)`` (or ``images.to(device)``)
-    decodes and augments them there.
+    images then arrive as an `EncodedImageBatch`, and ``images.to(device)`` decodes and augments them there.
     """
     transform = EncodedImageTransform(image_size, min_scale, max_scale, randaugment, horizontal_flip)
-    return DevicePipeline(transform, partial(encoded_collate, image_size=image_size),
-                          partial(decode_and_augment, image_size=image_size))
+    return DevicePipeline(transform, partial(encoded_collate, image_size=image_size))

@@ -1,7 +1,8 @@
-"""BLIP's image transforms for caption fine-tuning (train) and evaluation.
+"""BLIP's image transform for caption fine-tuning (its evaluation transform is ``imaging.eval_transform``, which
+the captioners' ``eval_transform()`` and the Python API share).
 
-Both pipelines take an RGB `PIL.Image` (the datasets convert to RGB when they open a file) and
-return a float32 tensor of shape (3, image_size, image_size), normalised with CLIP's statistics
+The pipeline takes an RGB `PIL.Image` (the datasets convert to RGB when they open a file) and
+returns a float32 tensor of shape (3, image_size, image_size), normalised with CLIP's statistics
 because BLIP's ViT was pre-trained with them.
 
 Randomness: every random choice in the train pipeline is drawn from torch's generator (timm's
@@ -21,7 +22,7 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from imaging import CLIP_MEAN, CLIP_STD, eval_transform
+from imaging import CLIP_MEAN, CLIP_STD
 from imaging import check_image_size as _check_image_size
 
 # BLIP's `RandomAugment(2, 5, isPIL=True, augs=[...])` op list for captioning, in BLIP's order.
@@ -156,12 +157,3 @@ def build_train_transform(
         steps.append(BlipRandAugment())
     steps += [transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)]
     return transforms.Compose(steps)
-
-
-def build_eval_transform(image_size: int) -> transforms.Compose:
-    """BLIP's evaluation transform: RGB PIL image -> (3, image_size, image_size) float32.
-
-    Resize to a square (aspect ratio is not kept, as in BLIP) with bicubic interpolation, then
-    ToTensor and Normalize(CLIP mean/std); defined in ``imaging``, which the Python API shares.
-    """
-    return eval_transform(image_size)

@@ -205,6 +205,25 @@ def test_resume_auto_starts_fresh_when_the_job_died_before_its_first_checkpoint(
     assert again["steps"] == 2
 
 
+def test_a_resume_with_another_config_names_the_keys_that_changed(toy, tmp_path):
+    run = tmp_path / "run"
+
+    def warnings():  # setup_logging replaces the logging handlers (caplog's too): the run's train.log has them
+        return [line for line in (run / "train.log").read_text().splitlines() if "differs from the checkpoint" in line]
+
+    train_caption.main(["--config", str(_tiny_config(toy, tmp_path, run))])
+    switched = _tiny_config(toy, tmp_path, run, name="scst", objective={"scst": {"reward": "cider_d"}},
+                            **{"train.lr": 2.0e-5, "model.cache_dir": str(tmp_path / "model_cache")})
+    train_caption.main(["--config", str(switched), "--resume"])
+    assert len(warnings()) == 1 and "WARNING" in warnings()[0], warnings()
+    line = warnings()[0]
+    assert "objective: 'mle' -> {'scst': {'reward': 'cider_d'}}" in line
+    assert "train.lr: 0.003 -> 2e-05" in line and "model.cache_dir:" in line
+    assert "resume:" not in line and "output_dir" not in line  # how the run is launched, not what it trains
+    train_caption.main(["--config", str(_tiny_config(toy, tmp_path, run)), "--resume"])  # the same config: no word
+    assert len(warnings()) == 1
+
+
 def test_interrupted_recipe_run_continues_on_the_next_launch(toy, tmp_path):
     """model.pretrained_recipe (the toy "pre-trained" BLIP): a recipe run that died, before or after its first
     checkpoint, is continued by the next fine-tuning launch instead of refusing its own folder."""
@@ -227,7 +246,7 @@ def test_interrupted_recipe_run_continues_on_the_next_launch(toy, tmp_path):
     assert (tmp_path / "finetune" / LATEST).exists()
 
 
-# Early and offline failures (issue 20): every check that needs no model runs before anything is built, and a hub
+# Early and offline failures: every check that needs no model runs before anything is built, and a hub
 # id on a machine that cannot reach the hub fails at once, in one line ------------------------------------------
 
 # The failures themselves take well under a second; the rest is importing torch and transformers, 10-20 s on the
@@ -347,6 +366,18 @@ def test_cheap_checks_come_before_any_build(toy, tmp_path, monkeypatch):
         (["--opt", "model.pretrained=runs/missing_best.safetensors", "--opt",
           "model.pretrained_recipe=configs/toy/missing.yaml"], "model.pretrained_recipe, which would create it"),
         (["--opt", "model.prefix.gpt2=null", "--opt", "model.family=prefix"], "model.prefix.gpt2 is not set"),
+        # A folder that is missing is named as missing, never sent to the hub ("Repo id must be in the form ..."):
+        # an absolute path, ./ and ../, or any name the hub would refuse as a model id.
+        (["--opt", f"objective={{scst: {{reward: {{clip_s: 1.0}}, clip_model: {tmp_path / 'no_such_clip'}}}}}"],
+         f"objective.scst.clip_model '{tmp_path / 'no_such_clip'}' not found: no such file or directory"),
+        (["--opt", f"eval.clip_model={tmp_path / 'no_such_clip'}", "--opt", "objective={scst: {reward: clip_s}}"],
+         f"objective.scst.clip_model '{tmp_path / 'no_such_clip'}' not found"),  # the old key, for one release
+        (["--opt", "model.family=prefix", "--opt", "model.prefix.gpt2=../no_such_gpt2"],
+         "model.prefix.gpt2 '../no_such_gpt2' not found: no such file or directory"),
+        (["--opt", "model.family=prefix", "--opt", "model.prefix.gpt2=my gpt2/weights"],
+         "model.prefix.gpt2 'my gpt2/weights' not found: no such file or directory"),
+        (["--opt", f"objective={{scst: {{reward: grammar, grammar_model: {tmp_path / 'no_grammar'}}}}}"],
+         "objective.scst.grammar_model: folder"),
     ]
     for options, message in cases:
         with pytest.raises(training.USER_ERRORS, match=re.escape(message)):

@@ -26,7 +26,7 @@ def test_inheritance_and_dotted_overrides(tmp_path):
         ("train.bach_size=8", r"unknown config key 'train.bach_size'; valid keys here: \[.*'batch_size'"),
         ("trian.epochs=1", r"unknown config key 'trian'"),
         ("train.epochs=five", r"'train.epochs' must be int, got str 'five'"),
-        ("train.amp=1", r"'train.amp' must be bool"),
+        ("amp=1", r"'amp' must be bool"),
         ("model=3", r"'model' must be a mapping"),
         ("objective=smiel", r"unknown objective 'smiel'; valid names"),
         ("eval.split=train", r"eval.split must be one of \[.val., .test.\], got .train."),
@@ -69,3 +69,67 @@ def test_every_shipped_config_validates():
     for path in sorted(configs.rglob("*.yaml")):
         if path.parent.name != "grammar_clip":
             training.load_config(path)
+
+
+def _old_layout(config: dict) -> dict:
+    """``config`` (resolved) as a run saved it before the keys moved to the sections that read them."""
+    import copy
+
+    old = copy.deepcopy(config)
+    old["train"]["dist_timeout_minutes"], old["train"]["amp"] = old.pop("dist_timeout_minutes"), old.pop("amp")
+    old["eval"]["batch_size"] = old["data"].pop("feature_cache_batch_size")
+    old["eval"]["clip_model"] = old["objective"]["scst"].pop("clip_model")
+    del old["data"]["source"]
+    return old
+
+
+def test_a_resolved_config_of_the_older_layout_loads_with_one_line_per_moved_key(tmp_path, caplog):
+    from pathlib import Path
+
+    import yaml
+
+    toy = Path(__file__).parents[1] / "configs" / "toy"
+    current = training.load_config(toy / "scst_clips.yaml", ["amp=false", "dist_timeout_minutes=5"])
+    saved = _write(tmp_path / "config.yaml", yaml.safe_dump(_old_layout(current)))  # as config.yaml / a checkpoint
+    caplog.set_level("WARNING", logger="smile_blip")
+    assert training.load_config(saved) == current
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and all("\n" not in line for line in lines), lines
+    for old, new in (("train.dist_timeout_minutes", "dist_timeout_minutes"), ("train.amp", "amp"),
+                     ("eval.clip_model", "objective.scst.clip_model"),
+                     ("eval.batch_size", "data.feature_cache_batch_size")):
+        assert any(f"{old} " in line and f"set {new}" in line for line in lines), (old, lines)
+    assert training.config_changes(_old_layout(current), current) == []
+
+
+def test_the_old_keys_keep_their_meaning_for_one_release_only_where_they_stood_in(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="smile_blip")
+    clip = "objective={scst: {reward: {clip_s: 1.0}}}"
+    config = training.load_config(_write(tmp_path / "c.yaml", "eval:\n  clip_model: my/clip\n  batch_size: 8\n"),
+                                  [clip, "train.dist_timeout_minutes=2"])
+    assert config["objective"]["scst"]["clip_model"] == "my/clip" and config["eval"]["clip_model"] == "my/clip"
+    assert config["data"]["feature_cache_batch_size"] == 8 and config["dist_timeout_minutes"] == 2.0
+    assert len(caplog.records) == 3
+    caplog.clear()
+    # The new keys set, or nothing the old key stood in for (no CLIP reward, feature cache off): no fallback.
+    config = training.load_config(_write(tmp_path / "d.yaml", "eval:\n  clip_model: my/clip\n  batch_size: 8\n"),
+                                  ["objective={scst: {reward: cider_d}}", "data.feature_cache=off"])
+    assert config["data"]["feature_cache_batch_size"] == 64 and "clip_model" not in config["objective"]["scst"]
+    config = training.load_config(_write(tmp_path / "e.yaml", "eval:\n  clip_model: my/clip\n"),
+                                  ["objective={scst: {reward: clip_s, clip_model: their/clip}}"])
+    assert config["objective"]["scst"]["clip_model"] == "their/clip" and not caplog.records
+    with pytest.raises(ConfigError, match="sets both train.amp and amp"):
+        training.load_config(_write(tmp_path / "f.yaml", "amp: false\ntrain:\n  amp: true\n"))
+
+
+def test_config_changes_name_every_changed_key_but_the_launch_keys():
+    from pathlib import Path
+
+    toy = Path(__file__).parents[1] / "configs" / "toy"
+    mle = training.load_config(toy / "mle.yaml")
+    scst = training.load_config(toy / "scst_cider.yaml", ["resume=true", "overwrite=true"])
+    changes = training.config_changes(mle, scst)
+    assert "objective: 'mle' -> {'scst': {'reward': 'cider_d'}}" in changes, changes
+    assert "data.train_per_image: False -> True" in changes
+    assert not [line for line in changes if line.startswith(("resume", "overwrite"))]
+    assert training.config_changes(mle, mle) == []

@@ -92,6 +92,6 @@ def test_a_dataloader_worker_runs_one_thread(fresh_policy):
     """torch sets 1 thread in every DataLoader worker itself (its _worker_loop), whatever the main process uses,
     which is why the policy counts a worker as one CPU and the project's loaders need no worker_init_fn."""
     torch.set_num_threads(2)
-    loader, _ = training._loader(_ThreadsSeen(), 2, False, lambda batch: batch, {"data": {"num_workers": 1}})
+    loader, _ = training.loaders._loader(_ThreadsSeen(), 2, False, lambda batch: batch, {"data": {"num_workers": 1}})
     assert [n for batch in loader for n in batch] == [1, 1, 1, 1]
     assert torch.get_num_threads() == 2

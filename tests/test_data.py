@@ -36,9 +36,9 @@ from data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     BlipRandAugment,
-    build_eval_transform,
     build_train_transform,
 )
+from imaging import eval_transform
 
 # ---------------------------------------------------------------- captions
 
@@ -144,7 +144,7 @@ def eval_file(tmp_path: Path) -> Path:
 
 
 def test_train_dataset_expands_lists_and_normalises(train_file, image_root):
-    dataset = CaptionTrainDataset(str(train_file), image_root, build_eval_transform(16), max_words=4)
+    dataset = CaptionTrainDataset(str(train_file), image_root, eval_transform(16), max_words=4)
     assert [caption for _, caption, _ in dataset.samples] == [
         "a red picture",
         "green",
@@ -160,13 +160,13 @@ def test_train_dataset_expands_lists_and_normalises(train_file, image_root):
 
 def test_train_dataset_concatenates_files(train_file, image_root, tmp_path):
     second = write_json(tmp_path / "train2.json", [{"image": coco_path(3), "caption": "blue"}])
-    dataset = CaptionTrainDataset([train_file, second], image_root, build_eval_transform(8))
+    dataset = CaptionTrainDataset([train_file, second], image_root, eval_transform(8))
     assert len(dataset) == 5
     assert dataset.samples[-1] == (coco_path(3), "blue", 3)
 
 
 def test_caption_collate_shapes(train_file, image_root):
-    dataset = CaptionTrainDataset(train_file, image_root, build_eval_transform(16))
+    dataset = CaptionTrainDataset(train_file, image_root, eval_transform(16))
     images, captions, image_ids, num_skipped = caption_collate([dataset[0], dataset[1], dataset[3]])
     assert num_skipped == 0
     assert images.shape == (3, 3, 16, 16)
@@ -175,7 +175,7 @@ def test_caption_collate_shapes(train_file, image_root):
 
 
 def test_eval_dataset_ids_references_and_rgb(eval_file, image_root):
-    dataset = CaptionEvalDataset(eval_file, image_root, build_eval_transform(16))
+    dataset = CaptionEvalDataset(eval_file, image_root, eval_transform(16))
     assert dataset.image_ids == [1, 3, 4]
     assert dataset.references == {
         1: ["a red one", "red"],
@@ -252,15 +252,15 @@ def test_empty_caption_names_file_and_index(tmp_path, image_root):
         [{"image": coco_path(1), "caption": "ok"}, {"image": coco_path(2), "caption": ["fine", " ... "]}],
     )
     with pytest.raises(AnnotationError, match=re.escape(str(path)) + ".*entry 1 .*empty"):
-        CaptionTrainDataset(path, image_root, build_eval_transform(8))
+        CaptionTrainDataset(path, image_root, eval_transform(8))
     with pytest.raises(AnnotationError, match="entry 1 .*empty"):
-        CaptionEvalDataset(path, image_root, build_eval_transform(8))
+        CaptionEvalDataset(path, image_root, eval_transform(8))
 
 
 def test_image_path_without_id_names_file_and_index(tmp_path, image_root):
     path = write_json(tmp_path / "train.json", [{"image": "val2014/cat.jpg", "caption": "a cat"}])
     with pytest.raises(AnnotationError, match=re.escape(str(path)) + ".*entry 0.*val2014/cat.jpg"):
-        CaptionTrainDataset(path, image_root, build_eval_transform(8))
+        CaptionTrainDataset(path, image_root, eval_transform(8))
 
 
 def test_duplicate_eval_image_is_rejected(tmp_path):
@@ -274,7 +274,7 @@ def test_duplicate_eval_image_is_rejected(tmp_path):
 
 def test_missing_image_names_full_path(tmp_path, image_root):
     path = write_json(tmp_path / "train.json", [{"image": coco_path(99), "caption": "ghost"}])
-    dataset = CaptionTrainDataset(path, image_root, build_eval_transform(8))  # lazy: no error yet
+    dataset = CaptionTrainDataset(path, image_root, eval_transform(8))  # lazy: no error yet
     with pytest.raises(ImageLoadError, match=re.escape(str(image_root / coco_path(99)))) as raised:
         dataset[0]
     assert raised.value.path == str(image_root / coco_path(99))
@@ -283,14 +283,14 @@ def test_missing_image_names_full_path(tmp_path, image_root):
 def test_corrupt_image_names_full_path(tmp_path, image_root):
     (image_root / coco_path(5)).write_bytes(b"not a jpeg at all")
     path = write_json(tmp_path / "val.json", [{"image": coco_path(5), "caption": ["junk"]}])
-    dataset = CaptionEvalDataset(path, image_root, build_eval_transform(8))
+    dataset = CaptionEvalDataset(path, image_root, eval_transform(8))
     with pytest.raises(ImageLoadError, match=re.escape(str(image_root / coco_path(5))) + ".*cannot decode"):
         dataset[0]
 
 
 def test_missing_image_root_is_named(train_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_root"):
-        CaptionTrainDataset(train_file, tmp_path / "no_such_root", build_eval_transform(8))
+        CaptionTrainDataset(train_file, tmp_path / "no_such_root", eval_transform(8))
 
 
 # ---------------------------------------------------------------- transforms
@@ -312,7 +312,7 @@ def striped_image(width: int = 48, height: int = 40) -> Image.Image:
 
 def test_eval_transform_shape_and_clip_normalisation():
     colour = (255, 0, 51)
-    output = build_eval_transform(24)(Image.new("RGB", (50, 30), colour))
+    output = eval_transform(24)(Image.new("RGB", (50, 30), colour))
     assert output.shape == (3, 24, 24) and output.dtype == torch.float32
     expected = (torch.tensor(colour) / 255.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(output, expected[:, None, None].expand(3, 24, 24), atol=1e-5, rtol=0)
@@ -361,7 +361,7 @@ def test_train_transform_without_randomness_equals_eval_transform():
     image = striped_image()
     train = build_train_transform(24, min_scale=1.0, max_scale=1.0, randaugment=False, horizontal_flip=False)
     for _ in range(3):
-        torch.testing.assert_close(train(image), build_eval_transform(24)(image))
+        torch.testing.assert_close(train(image), eval_transform(24)(image))
 
 
 @pytest.mark.parametrize(
@@ -575,7 +575,7 @@ def test_toy_feeds_the_datasets(toy_paths):
     train = CaptionTrainDataset(toy_paths["train_file"], toy_paths["image_root"], build_train_transform(32))
     images, captions, image_ids, _ = caption_collate([train[0], train[7]])
     assert images.shape == (2, 3, 32, 32) and image_ids.tolist() == [0, 1]
-    evaluation = CaptionEvalDataset(toy_paths["test_file"], toy_paths["image_root"], build_eval_transform(32))
+    evaluation = CaptionEvalDataset(toy_paths["test_file"], toy_paths["image_root"], eval_transform(32))
     assert evaluation.image_ids == list(range(50, 62))
     assert evaluation[0][0].shape == (3, 32, 32)
 
@@ -590,17 +590,17 @@ def test_toy_cli_prints_paths(tmp_path, capsys):
 def test_package_reexports_public_api():
     for name in ("pre_caption", "image_id_from_path", "CaptionTrainDataset", "CaptionEvalDataset", "build_coco_gt",
                  "load_annotations", "caption_collate", "eval_collate", "build_train_transform",
-                 "build_eval_transform", "ensure_toy_dataset"):  # fmt: skip
+                 "AnnotationSource", "ensure_toy_dataset"):  # fmt: skip
         assert callable(getattr(data, name)), name
 
 
 def test_bad_images_are_skipped_and_counted_only_when_asked(train_file, image_root, tmp_path):
-    dataset = CaptionTrainDataset(train_file, image_root, build_eval_transform(32))
+    dataset = CaptionTrainDataset(train_file, image_root, eval_transform(32))
     broken = image_root / dataset.samples[1][0]
     broken.write_bytes(broken.read_bytes()[:40])  # a truncated file
     with pytest.raises(ImageLoadError, match=str(broken)):
         dataset[1]
-    skipping = CaptionTrainDataset(train_file, image_root, build_eval_transform(32), skip_bad_images=True)
+    skipping = CaptionTrainDataset(train_file, image_root, eval_transform(32), skip_bad_images=True)
     images, captions, image_ids, num_skipped = caption_collate([skipping[0], skipping[1], skipping[0]])
     assert num_skipped == 1 and images.shape[0] == len(captions) == len(image_ids) == 2
     images, captions, image_ids, num_skipped = caption_collate([skipping[1]])

@@ -1,4 +1,5 @@
-"""Cached frozen image features (data/feature_cache.py and training.cached_feature_dataset): a cached step is the
+"""Cached frozen image features (data/feature_cache.py and training.cached_feature_dataset, over the annotation source's
+image files, data/sources.py): a cached step is the
 uncached step, the cache is built once and rebuilt when the training set or an image changes, and the config
 decides when caching is possible."""
 import json
@@ -15,9 +16,10 @@ from PIL import Image
 
 import training
 import utils
-from data import CaptionTrainDataset, caption_collate
+from data import AnnotationSource, CaptionTrainDataset, caption_collate
 from data.feature_cache import CachedFeatureDataset, ensure_feature_cache, read_cache_metadata
 from models import CaptionObjective, PrefixCaptioner
+from models.objectives import caption_loss
 
 CLIPCAP = Path(__file__).parent / "fixtures" / "clipcap_original"
 GPT = dict(vocab_size=453, n_positions=64, n_embd=32, n_layer=1, n_head=2)
@@ -78,9 +80,11 @@ def _dataset(captioner, root, annotation_file, per_image=False):
 
 
 def _cached(captioner, dataset, cache_dir, encode=None):
+    source = AnnotationSource(dataset)
     key = captioner.cached_feature_key(repr(dataset.transform))
-    path = ensure_feature_cache(dataset, cache_dir, key, encode or captioner.encode_cache_batch, batch_size=4)
-    return CachedFeatureDataset(dataset, path)
+    path = ensure_feature_cache(source.image_files(), cache_dir, key, encode or captioner.encode_cache_batch,
+                                batch_size=4)
+    return source.with_cached_features(path)
 
 
 def _loss_and_grads(captioner, batch):
@@ -89,8 +93,8 @@ def _loss_and_grads(captioner, batch):
     captioner.train()
     captioner.zero_grad(set_to_none=True)
     torch.manual_seed(1)  # the same dropout masks in both passes (the frozen tower draws no random numbers)
-    loss, _ = captioner(images, ids, mask, targets=captioner.build_targets(ids, mask),
-                        objective=CaptionObjective({"mle": 0.5, "smile": 0.5}))
+    loss, _ = caption_loss(captioner, CaptionObjective({"mle": 0.5, "smile": 0.5}), images, ids, mask,
+                           captioner.build_targets(ids, mask))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in captioner.named_parameters() if p.grad is not None}
     return loss.detach(), grads
@@ -132,7 +136,7 @@ def test_per_image_order_and_captions_match(tokenizer_dir, images, tmp_path):
     captioner = _captioner(tokenizer_dir)
     dataset = _dataset(captioner, root, annotation_file, per_image=True)
     cached = _cached(captioner, dataset, tmp_path / "cache")
-    assert len(cached) == 6 and cached.per_image and cached.samples is dataset.samples
+    assert len(cached) == 6 and isinstance(cached, CachedFeatureDataset) and cached.dataset is dataset
     random.seed(3)
     plain = [dataset[i][1:] for i in range(6)]
     random.seed(3)
@@ -207,18 +211,18 @@ def test_the_config_decides_when_features_are_cached(tokenizer_dir, images, tmp_
     config = _config(tmp_path, tokenizer_dir, root, annotation_file)
     torch.manual_seed(0)
     captioner = training.build_captioner(config, torch.device("cpu"))
-    loader, _ = training.build_train_loader(config, captioner)
+    loader, _, _ = training.build_train_loader(config, captioner)
     assert isinstance(loader.dataset, CachedFeatureDataset)
     assert next(iter(loader))[0].shape == (4, 24)  # pooled features, not pixels
 
     for off in ("off", "false"):
-        loader, _ = training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file,
+        loader, _, _ = training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file,
                                                       f"data.feature_cache={off}"), captioner)
         assert isinstance(loader.dataset, CaptionTrainDataset)
 
     caplog.clear()
     augmented = _config(tmp_path, tokenizer_dir, root, annotation_file, "data.augment=true")
-    loader, _ = training.build_train_loader(augmented, captioner)
+    loader, _, _ = training.build_train_loader(augmented, captioner)
     assert isinstance(loader.dataset, CaptionTrainDataset)
     lines = [r.getMessage() for r in caplog.records if "feature_cache" in r.getMessage()]
     assert len(lines) == 1 and "because data.augment is true" in lines[0]
@@ -227,7 +231,7 @@ def test_the_config_decides_when_features_are_cached(tokenizer_dir, images, tmp_
                                           "data.feature_cache=on"), captioner)
 
     clip_reward = ["objective={scst: {reward: {clip_s: 1.0, cider_d: 1.0}}}"]
-    loader, _ = training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, *clip_reward),
+    loader, _, _ = training.build_train_loader(_config(tmp_path, tokenizer_dir, root, annotation_file, *clip_reward),
                                           captioner)
     assert isinstance(loader.dataset, CaptionTrainDataset)
     with pytest.raises(utils.ConfigError, match="CLIP reward"):
@@ -238,7 +242,7 @@ def test_the_config_decides_when_features_are_cached(tokenizer_dir, images, tmp_
                             "data.feature_cache=on")
     one_stage = training.build_captioner(trained_tower, torch.device("cpu"))
     assert one_stage.cached_feature_key("x") is None
-    with pytest.raises(utils.ConfigError, match="train_vision"):
+    with pytest.raises(utils.ConfigError, match="has no frozen image features"):
         training.build_train_loader(trained_tower, one_stage)
 
 
@@ -248,7 +252,7 @@ def test_blip_is_never_cached(tokenizer_dir, images, tmp_path, caplog):
     config = _config(tmp_path, tokenizer_dir, root, annotation_file, family="blip")
     captioner = training.build_captioner(config, torch.device("cpu"))
     assert captioner.cached_feature_key(repr(captioner.eval_transform())) is None
-    loader, _ = training.build_train_loader(config, captioner)
+    loader, _, _ = training.build_train_loader(config, captioner)
     assert isinstance(loader.dataset, CaptionTrainDataset)
     assert not [r for r in caplog.records if "feature_cache" in r.getMessage()]  # BLIP is not told each run
     with pytest.raises(utils.ConfigError, match="model.family blip"):

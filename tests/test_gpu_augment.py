@@ -321,7 +321,7 @@ def test_dataloader_batches_match_the_pil_loader(train_set, workers):
                                                                                                  device_batches):
         assert isinstance(encoded, EncodedImageBatch) and len(encoded) == 4
         assert (captions, skipped) == (our_captions, our_skipped) and torch.equal(ids, our_ids)
-        images = pipeline.on_device(encoded, torch.device("cpu"))
+        images = encoded.to(torch.device("cpu"))
         assert images.shape == reference.shape
         assert_close_to_pil(images, reference)
         batches += 1
@@ -434,8 +434,8 @@ def test_engine_loader_with_augment_on_device_gives_the_pil_loaders_batches(trai
     batches = {}
     for where in ("workers", "device"):
         config = training.load_config(config_file, [*common, f"data.augment_on={where}"])
-        loader, sampler = training.build_train_loader(config, captioner)
-        sampler.set_epoch(0)
+        loader, position, _ = training.build_train_loader(config, captioner)
+        position.set_epoch(0)
         torch.manual_seed(0)
         batches[where] = list(loader)
     assert len(batches["device"]) == len(batches["workers"]) == 4

@@ -42,11 +42,14 @@ def no_probe(monkeypatch):
 
 
 def test_names_are_paths_or_hub_ids(tmp_path):
-    for hub_id in ("gpt2", "bert-base-uncased", "openai/clip-vit-base-patch32", "cache/toy_clip"):
+    # cache/no_such_clip: shaped like owner/name, so a hub id while no such folder exists.
+    for hub_id in ("gpt2", "bert-base-uncased", "openai/clip-vit-base-patch32", "cache/no_such_clip", "a_b/c.d-e"):
         assert not hub.must_be_local(hub_id) and hub.is_hub_id(hub_id)
-    for path in ("/abs/model", "./model", "~/model", "runs/toy/smile", "checkpoints/blip.pth", "x.safetensors",
-                 "cache/toy/vocab.txt"):
-        assert hub.must_be_local(path) and not hub.is_hub_id(path)
+    # Anything the hub would refuse as a model id ("Repo id must be in the form ...") is a path.
+    for path in ("/abs/model", "./model", "../model", "~/model", "runs/toy/smile", "checkpoints/blip.pth",
+                 "x.safetensors", "cache/toy/vocab.txt", "my clip/model", "models\\clip", "a--b", "-x/y", "x/y.",
+                 "x" * 97):
+        assert hub.must_be_local(path) and not hub.is_hub_id(path), path
     (tmp_path / "gpt2").mkdir()
     assert not hub.is_hub_id(str(tmp_path / "gpt2")) and not hub.is_hub_id("https://host/x.pth")
 

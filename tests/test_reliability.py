@@ -136,7 +136,7 @@ def test_finished_run_is_not_overwritten_without_a_flag(toy, tmp_path):
 def test_failure_on_one_rank_ends_all_ranks_promptly(toy, tmp_path):
     overrides = [f"data.toy_root={toy['root'] / 'toy'}", f"output_dir={tmp_path / 'ddp'}", "data.num_workers=0",
                  f"data.train_files=[{toy['train_file']}]", "train.batch_size=4", "train.epochs=1",
-                 "train.validate=false", "train.test_after_training=false", "train.dist_timeout_minutes=1.0"]
+                 "train.validate=false", "train.test_after_training=false", "dist_timeout_minutes=1.0"]
     env = {**os.environ, "NPROC": "2", "ENTRY": "tests/distributed_worker.py", "REPORT": str(tmp_path / "r.json"),
            "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "FAIL_RANK": "1", "FAIL_STEP": "2"}
     start = time.monotonic()
@@ -149,7 +149,7 @@ def test_failure_on_one_rank_ends_all_ranks_promptly(toy, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-# Bad inputs found by trying the project as a new user would (issue 12) -----------------------------------------
+# Bad inputs a new user gives ---------------------------------------------------------------------------------
 
 
 def test_empty_training_set_or_less_than_one_batch_is_refused_before_anything_is_written(toy, tmp_path):
@@ -257,7 +257,7 @@ def test_exif_orientation_applies_to_user_images_but_not_to_the_datasets(tmp_pat
 
 
 def test_failed_test_scoring_keeps_the_run_and_the_same_command_only_scores(toy, tmp_path, monkeypatch):
-    """Issue 20: the test split's scoring raised after training had finished. The checkpoints stay, and running
+    """The test split's scoring raises after training has finished. The checkpoints stay, and running
     the same command again (resume: auto) scores the test split without a training step."""
     run = tmp_path / "run"
     options = ["--config", PRETRAIN, *_opts(toy, run, "train.test_after_training=true", "eval.metrics=[length]",

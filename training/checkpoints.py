@@ -153,8 +153,11 @@ def load_weights(path: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Te
     return tensors, metadata
 
 
-def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainProgress:
-    """Restore model and optimizer from ``path``; returns the progress. RNG is restored by ``restore_rng_from``."""
+def load_training_checkpoint(path: Path, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer) -> tuple[TrainProgress, dict]:
+    """Restore model and optimizer from ``path``; returns the progress and the config the run was saved with (its
+    own layout: training.config.config_changes compares it with a resumed run's). RNG is restored by
+    ``restore_rng_from``."""
     tensors, metadata = load_weights(path, model)
     if metadata.get("optimizer") is None:
         raise RuntimeError(f"{path} holds no optimizer state: it is a weights-only checkpoint, not resumable")
@@ -162,7 +165,7 @@ def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torc
     progress = TrainProgress(**metadata["progress"])
     progress.extra["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng/")}
     progress.extra["rng_meta"] = metadata["rng"]
-    return progress
+    return progress, metadata.get("config") or {}
 
 
 def restore_rng_from(progress: TrainProgress) -> None:

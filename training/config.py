@@ -2,15 +2,22 @@
 
 ``load_config`` checks every key's name and type against configs/default.yaml and every enumerated value, so a typo
 fails before anything is built. ``prepare_output_dir`` records the resolved config beside the run's outputs.
+
+Each section is read by the code that owns it. Keys that moved to their own section still work for one release
+(`upgrade_layout`, with one warning line naming the old and the new key), so configs written for the older
+layout, and the resolved configs that runs and checkpoints saved, still load. `config_changes` names what differs
+between a checkpoint's config and the config resuming it.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 import hub
 import utils
 from data.datasets import AnnotationError, ImageLoadError
+from data.sources import SOURCES
 from metrics._common import MetricInputError
 from models import CAPTIONER_FAMILIES, CheckpointError
 from models.text_padding import TEXT_PADDINGS
@@ -25,11 +32,17 @@ CONFIG_DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "default.
 USER_ERRORS = (utils.ConfigError, AnnotationError, ImageLoadError, checkpoints.RunExistsError, CheckpointError,
                MetricInputError, hub.HubError)
 FREE_FORM_KEYS = {"objective", "model.arch", "resume", "data.feature_cache"}
+# Old key -> its new name, in the section that reads it (both are read by training and evaluation alike).
+RENAMED_KEYS = {"train.dist_timeout_minutes": "dist_timeout_minutes", "train.amp": "amp"}
+# Keys of launching, not of what a run trains: a resume may change them without a word.
+LAUNCH_KEYS = ("resume", "overwrite")
 
 
 def load_config(path: str | Path, overrides=()) -> dict:
-    """Resolve defaults <- file <- overrides, validate every key and type, and check the objective spec."""
-    config = utils.load_config(path, overrides, defaults_path=CONFIG_DEFAULTS, free_form=FREE_FORM_KEYS)
+    """Resolve defaults <- file <- overrides (keys of the older layout moved, `upgrade_layout`), validate every key
+    and type, and check the objective spec."""
+    config = utils.load_config(path, overrides, defaults_path=CONFIG_DEFAULTS, free_form=FREE_FORM_KEYS,
+                               upgrade=lambda content: upgrade_layout(content, source=str(path)))
     try:
         steps.check_objective(config["objective"])
     except ValueError as error:
@@ -40,7 +53,8 @@ def load_config(path: str | Path, overrides=()) -> dict:
                "train.grad_clip_mode": ("norm", "value"), "model.compile": (None, "vision", "full"),
                "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                "model.text_padding": TEXT_PADDINGS, "model.family": tuple(CAPTIONER_FAMILIES),
-               "data.feature_cache": ("auto", "on", "off", True, False), "data.augment_on": ("workers", "device")}  # YAML reads a bare on/off as a bool
+               "data.feature_cache": ("auto", "on", "off", True, False),  # YAML reads a bare on/off as a bool
+               "data.augment_on": ("workers", "device"), "data.source": tuple(SOURCES)}
     for key, allowed in choices.items():
         value = utils.get_by_path(config, key)
         if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
@@ -51,6 +65,116 @@ def load_config(path: str | Path, overrides=()) -> dict:
     if Path(config["output_dir"]).exists() and not Path(config["output_dir"]).is_dir():
         raise utils.ConfigError(f"output_dir {config['output_dir']} exists and is not a folder")
     return config
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+_ABSENT = _Absent()
+
+
+def _get(config: dict, dotted: str, default=_ABSENT):
+    """The value at ``dotted``, or ``default`` where the path is missing (or runs into a non-mapping)."""
+    node = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def _has(config: dict, dotted: str) -> bool:
+    return _get(config, dotted) is not _ABSENT
+
+
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def _default(dotted: str):
+    return utils.get_by_path(utils.load_yaml_with_bases(CONFIG_DEFAULTS), dotted)
+
+
+def _reward_clip_options(objective) -> dict | None:
+    """The ``objective.scst`` mapping of an objective whose SCST reward needs a CLIP, else None."""
+    try:
+        rewards = steps.reward_names(objective) or []
+    except ValueError:  # a malformed objective: check_objective names the problem after the upgrade
+        return None
+    if not any(name in steps.CLIP_REWARDS for name in rewards):
+        return None
+    return objective[steps.SCST]  # a CLIP reward is only ever named in an objective.scst mapping
+
+
+def upgrade_layout(content: dict, source: str = "config", warn: bool = True) -> dict:
+    """``content`` (the keys a config file and its overrides set, or a resolved config a run saved) with the keys of
+    the older layout moved to the section that reads them now; with ``warn``, one warning line per moved key.
+
+    * ``train.dist_timeout_minutes`` -> ``dist_timeout_minutes`` and ``train.amp`` -> ``amp``: top-level, because
+      evaluation reads them as much as training (`RENAMED_KEYS`); setting both names is an error.
+    * ``eval.clip_model`` -> ``objective.scst.clip_model`` for an SCST reward that needs a CLIP, and
+      ``eval.batch_size`` -> ``data.feature_cache_batch_size`` unless the feature cache is off: the old key stays
+      evaluation's own; a config that sets it to another value than the new key's default, and does not set the
+      new key, keeps the value it trained with.
+    """
+    content = copy.deepcopy(content)
+    notes: list[str] = []
+    for old, new in RENAMED_KEYS.items():
+        if not _has(content, old):
+            continue
+        value = content[old.split(".")[0]].pop(old.split(".")[1])
+        if _has(content, new):
+            raise utils.ConfigError(f"{source} sets both {old} and {new}; {old} is the old name of {new}: keep {new}")
+        _set(content, new, value)
+        notes.append(f"{old} is deprecated, set {new} instead (the old name still works in this release)")
+    scst = _reward_clip_options(content.get("objective"))
+    clip_model = _get(content, "eval.clip_model", steps.SCST_DEFAULTS["clip_model"])
+    if scst is not None and "clip_model" not in scst and clip_model != steps.SCST_DEFAULTS["clip_model"]:
+        scst["clip_model"] = clip_model
+        notes.append(_fallback_note("eval.clip_model", "objective.scst.clip_model", clip_model))
+    batch_size = _get(content, "eval.batch_size", None)
+    if (batch_size is not None and batch_size != _default("data.feature_cache_batch_size")
+            and not _has(content, "data.feature_cache_batch_size")
+            and _get(content, "data.feature_cache", "auto") not in ("off", False)):
+        _set(content, "data.feature_cache_batch_size", batch_size)
+        notes.append(_fallback_note("eval.batch_size", "data.feature_cache_batch_size", batch_size))
+    if warn:
+        for note in notes:
+            logger.warning("%s: %s", source, note)
+    return content
+
+
+def _fallback_note(old: str, new: str, value) -> str:
+    return (f"{old} standing in for {new} is deprecated, set {new} (this release still takes {old}'s {value!r}; "
+            f"{old} itself stays)")
+
+
+def _differences(old, new, prefix: str = ""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from _differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix[:-1], old, new
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_changes(saved: dict, config: dict) -> list[str]:
+    """``"key: old -> new"`` for every key whose value differs between ``saved`` (the resolved config a checkpoint
+    holds, of any layout) and ``config`` (a resolved config of the current layout). The launch keys (`LAUNCH_KEYS`)
+    are left out; keys ``saved`` lacks count as their defaults."""
+    saved = utils.merge(utils.load_yaml_with_bases(CONFIG_DEFAULTS), upgrade_layout(saved, warn=False))
+    return [f"{key}: {_short(old)} -> {_short(new)}" for key, old, new in _differences(saved, config)
+            if key.split(".")[0] not in LAUNCH_KEYS]
 
 
 def prepare_output_dir(config: dict, config_name: str = "config.yaml") -> Path:

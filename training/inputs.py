@@ -10,7 +10,9 @@ from pathlib import Path
 
 import hub
 import utils
+from data import SOURCES
 from models import CheckpointError
+from models.families import captioner_family
 
 from . import steps
 from .config import load_config
@@ -60,23 +62,26 @@ def resolve_data_paths(config: dict) -> dict:
 
 
 def metric_model_sources(groups, clip_model, ppl_model, keys=("eval.clip_model", "eval.ppl_model"),
-                         clip_rewards: bool = False) -> list[tuple[str, str]]:
-    """``(key, source)`` of the CLIP and GPT-2 that scoring ``groups`` (None: the default groups) will load."""
-    from metrics.suite import DEFAULT_METRICS, IMAGE_METRICS
+                         clip_rewards: bool = False, groups_key: str = "eval.metrics") -> list[tuple[str, str]]:
+    """``(key, source)`` of the CLIP and GPT-2 that scoring ``groups`` (None: the default groups) will load, from
+    the groups' needs in metrics/registry.py. The group names are checked first (an unknown one is an error naming
+    ``groups_key`` and the valid names)."""
+    from metrics.registry import DEFAULT_METRICS, check_groups, needs_of
 
-    groups = set(DEFAULT_METRICS if groups is None else groups)
+    groups = DEFAULT_METRICS if groups is None else list(groups)
+    needs = needs_of(check_groups(groups, what=groups_key)) if groups else frozenset()
     sources = []
-    if groups & IMAGE_METRICS or clip_rewards:
+    if "clip" in needs or clip_rewards:
         sources.append((keys[0], clip_model))
-    if "ppl" in groups:
+    if "lm" in needs:
         sources.append((keys[1], ppl_model))
     return sources
 
 
 def check_scoring_inputs(files: dict, images_root, groups, clip_model, ppl_model) -> None:
     """eval_caption.py --results, before any scoring starts: the files it names (``{flag: path or None}``) and
-    ``--images-root`` exist, then the CLIP and GPT-2 the groups need exist locally or can come from the hub
-    (hub.check_sources): every local path before any network."""
+    ``--images-root`` exist, the ``--metrics`` groups are registered, then the CLIP and GPT-2 the groups need exist
+    locally or can come from the hub (hub.check_sources): every local path before any network."""
     from metrics._common import MetricInputNotFound
 
     for flag, path in files.items():
@@ -84,14 +89,28 @@ def check_scoring_inputs(files: dict, images_root, groups, clip_model, ppl_model
             raise MetricInputNotFound(f"{flag}: file not found: {path}")
     if images_root is not None and not Path(images_root).is_dir():
         raise MetricInputNotFound(f"--images-root: folder not found: {images_root}")
-    hub.check_sources(metric_model_sources(groups, clip_model, ppl_model, ("--clip-model", "--ppl-model")))
+    hub.check_sources(metric_model_sources(groups, clip_model, ppl_model, ("--clip-model", "--ppl-model"),
+                                           groups_key="--metrics"))
 
 
-def _require_file(key: str, value, folder: bool = False) -> None:
-    path = Path(str(value)).expanduser()
-    if not (path.is_dir() if folder else path.exists()):
-        what = "folder" if folder else "file"
-        raise utils.ConfigError(f"{key}: {what} {value} not found ({path.absolute()})")
+def reward_model_sources(objective) -> list[tuple[str, str]]:
+    """``(key, source)`` of the CLIP the objective's SCST rewards load (``objective.scst.clip_model``); the grammar
+    reward's folder, which scripts/train_grammar_clip.py writes, must exist (a ConfigError naming it otherwise)."""
+    scst, _ = steps.split_objective(objective)
+    if scst is None:
+        return []
+    rewards = steps.reward_names(objective) or []
+    if "grammar" in rewards:
+        if scst["grammar_model"] is None:
+            raise utils.ConfigError("objective.scst.reward has grammar but objective.scst.grammar_model is not set: "
+                                    "give the folder scripts/train_grammar_clip.py wrote")
+        utils.require_path("objective.scst.grammar_model", scst["grammar_model"], folder=True)
+    if any(name in steps.CLIP_REWARDS for name in rewards):
+        if not isinstance(scst["clip_model"], str) or not scst["clip_model"]:
+            raise utils.ConfigError(f"objective.scst.clip_model must name the CLIP of the reward(s) {rewards} (a hub "
+                                    f"id or a local directory), got {scst['clip_model']!r}")
+        return [("objective.scst.clip_model", scst["clip_model"])]
+    return []
 
 
 def _weights_source(config: dict, key: str, source: str) -> list[tuple[str, str]]:
@@ -109,9 +128,7 @@ def _weights_source(config: dict, key: str, source: str) -> list[tuple[str, str]
                                     f"would create it, names no file: {recipe}")
         load_config(recipe, ["resume=auto"])  # a typo in the recipe fails now, not after the first build
         return []
-    from models.checkpoint import looks_like_hub_id
-
-    if model_config["family"] == "blip" and looks_like_hub_id(source):
+    if captioner_family(model_config).accepts_hub_weights(source):
         return [(key, source)]
     raise CheckpointError(f"{key}: checkpoint {source!r} not found: no such file or directory "
                           f"({Path(source).expanduser().absolute()})")
@@ -129,16 +146,12 @@ def check_inputs(config: dict, mode: str = "train", split: str | None = None, ch
     the toy flow builds on first use (``data.toy``) are left to it.
     """
     model_config, data_config, eval_config = config["model"], config["data"], config["eval"]
-    toy, family = data_config["toy"], model_config["family"]
+    toy, family = data_config["toy"], captioner_family(model_config)
     # Config values a builder would otherwise trip over deep inside.
-    if family == "blip" and model_config["tokenizer"] is None and not toy:
-        raise utils.ConfigError(
-            "model.tokenizer is null, which means the toy set's vocab.txt, but data.toy is false: set model.tokenizer "
-            "to the vocab.txt the model is trained with (the toy set's is <data.toy_root>/vocab.txt, e.g. "
-            "cache/toy/vocab.txt), a tokenizer folder, or a hub id such as bert-base-uncased")
-    if family == "prefix" and model_config["prefix"]["gpt2"] is None:
-        raise utils.ConfigError("model.family is prefix but model.prefix.gpt2 is not set (a GPT-2 hub id or folder, "
-                                "or a mapping of GPT2Config fields for a random toy model)")
+    try:
+        family.check_config(model_config, toy)
+    except ValueError as error:
+        raise utils.ConfigError(str(error)) from None
     # The weights first (the file a user most often lacks), then the data, then the other models: every local
     # path before any network.
     remote: list[tuple[str, str]] = []
@@ -150,10 +163,7 @@ def check_inputs(config: dict, mode: str = "train", split: str | None = None, ch
     if mode == "train":
         splits = (["val"] if config["train"]["validate"] else []) + (
             ["test"] if config["train"]["test_after_training"] and data_config["test_file"] else [])
-        if not data_config["train_files"] and not toy:
-            raise utils.ConfigError("data.train_files is empty: nothing to train on (or set data.toy: true)")
-        for name in data_config["train_files"]:
-            _require_file("data.train_files", name)
+        SOURCES[data_config["source"]].check_config(data_config)
     else:
         splits = [split or eval_config["split"]]
     for name in splits:
@@ -161,21 +171,19 @@ def check_inputs(config: dict, mode: str = "train", split: str | None = None, ch
             raise utils.ConfigError(f"data.{name}_file is not set: cannot evaluate on {name}")
         for key in (f"data.{name}_file", f"data.{name}_gt"):
             if utils.get_by_path(config, key):
-                _require_file(key, utils.get_by_path(config, key))
+                utils.require_path(key, utils.get_by_path(config, key))
     if data_config["image_root"]:
-        _require_file("data.image_root", data_config["image_root"], folder=True)
-    sources = []
-    if family == "blip" and model_config["tokenizer"] is not None:
-        sources.append(("model.tokenizer", model_config["tokenizer"]))
-    if family == "prefix":
-        sources += [(f"model.prefix.{part}", model_config["prefix"][part]) for part in ("gpt2", "clip", "tokenizer")]
+        utils.require_path("data.image_root", data_config["image_root"], folder=True)
+    sources = [(key, source) for key, source, _ in family.config_sources(model_config)]
     scores_metrics = mode == "eval" or (config["train"]["test_after_training"] and (data_config["test_file"] or toy))
-    clip_rewards = any(name in steps.CLIP_REWARDS for name in steps.reward_names(config["objective"]))
     sources += metric_model_sources(eval_config["metrics"] if scores_metrics else (), eval_config["clip_model"],
-                                    eval_config["ppl_model"], clip_rewards=clip_rewards and mode == "train")
+                                    eval_config["ppl_model"])
+    if mode == "train":
+        sources += reward_model_sources(config["objective"])
     from toy_pretrained import built_on_first_use
 
-    sources = [(key, source) for key, source in sources if not built_on_first_use(config, source)]
+    sources = [(key, source) for key, source in sources
+               if source is not None and not built_on_first_use(config, source)]
     hub.check_sources(sources + [(key, source) for key, source in remote if not hub.is_url(source)])
     for key, source in remote:
         if hub.is_url(source):

@@ -20,7 +20,8 @@ logger = logging.getLogger("smile_blip")
 
 
 def autocast_context(config: dict, device: torch.device):
-    if device.type == "cuda" and config["train"]["amp"]:
+    """bf16 autocast on CUDA when the config's ``amp`` is on (training and generation alike), else nothing."""
+    if device.type == "cuda" and config["amp"]:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 

@@ -13,7 +13,7 @@ from models import CaptionModel
 
 from . import checkpoints, steps
 from .builders import build_captioner, build_optimizer
-from .config import load_config, prepare_output_dir
+from .config import config_changes, load_config, prepare_output_dir
 from .evaluation import _format_metrics, evaluate, evaluate_split, selection_score
 from .inputs import build_toy_assets, check_inputs, fill_data_paths
 from .loaders import build_eval_loader, build_train_loader
@@ -57,7 +57,7 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
     output_dir = Path(config["output_dir"])
     # Before check_output_dir: an overwrite deletes the old run only once the new one can start.
     check_inputs(config, "train", resuming=bool(config["resume"]) and (output_dir / checkpoints.LATEST).exists())
-    device = utils.init_distributed(config["device"], config["train"]["dist_timeout_minutes"])
+    device = utils.init_distributed(config["device"], config["dist_timeout_minutes"])
     resume_from = checkpoints.check_output_dir(output_dir, config["resume"], config["overwrite"])
     fill_data_paths(config)
     prepare_output_dir(config, "config.yaml" if resume_from is None else "config_resumed.yaml")
@@ -74,19 +74,22 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
     optimizer = build_optimizer(captioner, config)
     progress = checkpoints.TrainProgress(world_size=utils.get_world_size())
     if resume_from is not None:
-        progress = checkpoints.load_training_checkpoint(resume_from, captioner.model, optimizer)
+        progress, saved_config = checkpoints.load_training_checkpoint(resume_from, captioner.model, optimizer)
         logger.info("resuming %s at epoch %d, batch %d (step %d)", resume_from, progress.epoch,
                     progress.batches_done, progress.global_step)
+        changed = config_changes(saved_config, config)
+        if changed and utils.is_main():  # e.g. another objective: the run goes on, but not as the run it began as
+            logger.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
     # After the weights are in place: a feature cache is keyed on the image tower this run trains with.
-    train_loader, sampler = build_train_loader(config, captioner)
-    step = steps.build_step(config, captioner, train_loader.dataset, device)
+    train_loader, position, source = build_train_loader(config, captioner)
+    step = steps.build_step(config, captioner, source, device)
     validate = config["train"]["validate"]
     val_loader, val_gt = build_eval_loader(config, "val", captioner.eval_transform()) if validate else (None, None)
     if resume_from is not None and progress.batches_done == 0:
         checkpoints.restore_rng_from(progress)  # at an epoch boundary the next epoch's loader has not drawn yet
     log = utils.JsonlLogger(output_dir / "log.jsonl", _open_tensorboard(config, output_dir, resume_from, progress))
     logger.info("objective %s; %d training samples, %d steps per epoch, %d process(es)", step,
-                len(train_loader.dataset), len(train_loader), utils.get_world_size())
+                len(source), len(train_loader), utils.get_world_size())
 
     def save_latest():
         checkpoints.save_training_checkpoint(output_dir / checkpoints.LATEST, captioner.model, optimizer,
@@ -96,8 +99,8 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
     with log:  # closes the TensorBoard writer, flushing its last events, also when training fails
         while progress.epoch < config["train"]["epochs"] and not (max_steps and progress.global_step >= max_steps):
             epoch = progress.epoch
-            sampler.set_epoch(epoch)
-            sampler.skip_batches(progress.batches_done, config["train"]["batch_size"])
+            position.set_epoch(epoch)
+            position.skip_batches(progress.batches_done, config["train"]["batch_size"])
             stats = train_one_epoch(model, captioner, train_loader, step, optimizer, config, progress, log,
                                     device, save_latest)
             log.log(kind="epoch", epoch=epoch, step=progress.global_step, **stats)
