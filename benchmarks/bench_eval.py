@@ -74,7 +74,7 @@ from models import BlipCaptioner, resolve_architecture  # noqa: E402
 PAPER_METRICS = ("coco", "length", "diversity", "retrieval", "clipscore", "ppl")
 MODES = ("legacy", "sequential", "overlapped")
 # Batch shapes differ between modes, so these differ by float rounding: CLIPScore terms are clipped at 0 and
-# scaled to 0-250 (absolute tolerance, as tests/test_metrics_suite.py), PPL is a mean of exponentials (relative).
+# scaled to 0-250 (absolute tolerance, as tests/metrics/test_metrics_suite.py), PPL is a mean of exponentials (relative).
 TOLERANCE = {"CLIPScore": (0.0, 1e-4), "RefCLIPScore": (0.0, 1e-4), "PPL": (1e-6, 0.0)}
 PHASES = ("generation", "coco", "coco_tokenize", "bleu", "meteor", "rouge", "cider", "length", "diversity",
           "clip_load", "clip_images", "clip_texts", "retrieval", "clipscore", "ppl_load", "ppl")

@@ -30,8 +30,8 @@ nvidia-smi -L || true
 "$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
               "cuda", torch.cuda.is_available())'
 
-run_part tests "$PYTHON" -m pytest -q -rs tests/test_attention.py tests/test_lm_head.py tests/test_captioner.py \
-  tests/test_metrics_suite.py tests/test_gpu_augment.py
+run_part tests "$PYTHON" -m pytest -q -rs tests/models/test_attention.py tests/models/test_lm_head.py tests/models/test_captioner.py \
+  tests/metrics/test_metrics_suite.py tests/data/test_gpu_augment.py
 run_part generate bash -c "'$PYTHON' benchmarks/bench_generate.py --preset base --image-size 384 --batch 64 \
   --repeats 2 && '$PYTHON' benchmarks/bench_generate.py --preset base --image-size 384 --batch 256 \
   --implementations sdpa --repeats 1 --total-images 5000"

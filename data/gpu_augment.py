@@ -21,7 +21,7 @@ per core at 384 px, too slow to feed a GPU. This path splits the same work in th
 Pixels follow PIL's arithmetic where that is cheap, because the PIL path is the reference the model was tuned
 with: the resize rounds between its horizontal and vertical pass as PIL does; autocontrast and equalize build
 PIL's per-channel lookup tables exactly; the warps sample at PIL's pixel centres with its inside test, edge clamp
-and truncating cast, in float64. Measured against the PIL path (tests/test_gpu_augment.py): CPU JPEG decode is
+and truncating cast, in float64. Measured against the PIL path (tests/data/test_gpu_augment.py): CPU JPEG decode is
 bit-exact (both libjpeg-turbo); the resize differs by at most 1 level in about 1e-4 of the values; every
 RandAugment op at magnitude 5 is exact on the same input; the whole pipeline with RandAugment is within 4 levels
 (Equalize can spread a one-level resize difference), more than 1 level off in under 1e-3 of the values. The

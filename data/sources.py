@@ -32,7 +32,7 @@ dataset (e.g. webdataset tar shards) keeps this contract:
   yields batches w, w + W, w + 2W, ... of what remains of the process's epoch. The loader starts its workers
   afresh every epoch, so each gets the dataset as ``set_epoch`` and ``skip_batches`` left it.
 
-tests/test_sources.py has a small streaming source that keeps this contract.
+tests/data/test_sources.py has a small streaming source that keeps this contract.
 
 A new kind of source is one `CaptionSource` subclass and one line in `SOURCES`; docs/extending.md has the recipe.
 """

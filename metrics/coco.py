@@ -1,7 +1,7 @@
 """Accuracy metrics through pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr, and opt-in SPICE.
 
 The numbers equal what pycocoevalcap's `COCOEvalCap` reports for the same results and ground
-truth (tests/test_metrics_coco.py checks this), with three practical differences in *how* they are
+truth (tests/metrics/test_metrics_coco.py checks this), with three practical differences in *how* they are
 obtained:
 
 * Tokenisation runs Stanford's PTBTokenizer (the jar pycocoevalcap ships) once over candidates and

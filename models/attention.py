@@ -192,7 +192,7 @@ _TEXT_ARGUMENTS = {
 def sdpa_supported() -> bool:
     """Whether the installed transformers' BLIP attention forwards take only arguments the SDPA subclasses know.
 
-    True on every transformers release in requirements.txt's range (tests/test_attention.py asserts it, rather
+    True on every transformers release in requirements.txt's range (tests/models/test_attention.py asserts it, rather
     than skipping, so CI fails if a release in the range changes the layout). A layout with an unknown argument
     could carry meaning the subclasses would drop, so it keeps eager attention instead (with a warning).
     """

@@ -2,7 +2,7 @@
 
 The trainer (training/*), the training steps, the ``Captioner`` API, the demo (through ``Captioner``) and export
 use only what ``CaptionModel`` lists, so a new family is one module with a class that has these members plus one
-line in ``CAPTIONER_FAMILIES``; nothing else asks which family it has. tests/test_families.py checks every
+line in ``CAPTIONER_FAMILIES``; nothing else asks which family it has. tests/models/test_families.py checks every
 registered family against this list on a tiny built instance. ``models.objectives.caption_loss`` applies the
 training objective to any family's ``forward``; ``models.parameter_groups.weight_decay_groups`` and
 ``models.text_padding`` hold what families share.

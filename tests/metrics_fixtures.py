@@ -3,7 +3,7 @@
 The Hugging Face hub is unreachable in CI, so the tests build random-weight models with real
 architectures and real tokenizer classes (byte-level BPE with a handful of whole-word merges),
 save them with `save_pretrained`, and load them back through the same code path as a hub model.
-Used by tests/test_metrics_*.py and benchmarks/bench_metrics.py.
+Used by tests/metrics/test_metrics_*.py and benchmarks/bench_metrics.py.
 """
 from __future__ import annotations
 

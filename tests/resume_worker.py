@@ -1,6 +1,6 @@
 """train_caption.py, but with KILL_AT_STEP set it SIGKILLs itself right after logging that training step.
 
-The kill lands between two checkpoints and in the middle of an epoch, like a preemption; tests/test_resume.py
+The kill lands between two checkpoints and in the middle of an epoch, like a preemption; tests/training/test_resume.py
 then resumes the run and compares it with one that was never interrupted.
 """
 import os

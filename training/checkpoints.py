@@ -7,7 +7,7 @@ and loading it never unpickles anything.
 
 Exactness: resuming restores the model, optimizer, schedule position (derived from epoch and step), sampler
 position and each rank's torch/numpy/Python RNG, so a run with ``data.num_workers: 0`` ends with bit-identical
-parameters to an uninterrupted one (tests/test_resume.py). With loader worker processes the data order is still
+parameters to an uninterrupted one (tests/training/test_resume.py). With loader worker processes the data order is still
 exact but the workers' augmentation randomness restarts from a new seed.
 """
 from __future__ import annotations

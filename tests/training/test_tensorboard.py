@@ -10,7 +10,7 @@ import train_caption
 import utils
 from data import ensure_toy_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO / "configs" / "toy" / "pretrain.yaml")
 
 

@@ -15,7 +15,7 @@ from models.prefix_captioner import (
     load_clipcap_checkpoint,
 )
 
-CLIPCAP = Path(__file__).parent / "fixtures" / "clipcap_original"
+CLIPCAP = Path(__file__).parents[1] / "fixtures" / "clipcap_original"
 KINDS = ("mlp", "transformer")
 LAYOUTS = ("", "_tf411_layout")
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
@@ -301,7 +301,7 @@ def test_convert_script_writes_a_loadable_directory(gpt2_dir, clipcap_fixture, t
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("convert_checkpoint",
-                                                  Path(__file__).parents[1] / "scripts" / "convert_checkpoint.py")
+                                                  Path(__file__).parents[2] / "scripts" / "convert_checkpoint.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main([str(CLIPCAP / "clipcap_transformer_weights_tf411_layout.pt"), str(tmp_path / "out"),

@@ -21,7 +21,7 @@ from data import AnnotationError, CaptionEvalDataset, ImageLoadError, build_coco
 from imaging import open_rgb, to_rgb
 from models.checkpoint import load_checkpoint_file, looks_like_hub_id, read_state_dict, save_checkpoint_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO / "configs" / "toy" / "pretrain.yaml")
 
 

@@ -15,7 +15,7 @@ from data import ensure_toy_dataset
 from metrics import plots
 from metrics.suite import markdown_table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import make_table  # noqa: E402

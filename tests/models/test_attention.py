@@ -13,7 +13,7 @@ from models import BlipCaptioner, attention_of, set_attention
 from models.attention import SdpaBlipAttention, SdpaBlipTextSelfAttention, _sdpa_mask, sdpa_supported
 from tests.conftest import FIXTURES, fixture_architecture
 
-REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
 
 
 def _declared_transformers_range() -> SpecifierSet:

@@ -20,7 +20,7 @@ from imaging import eval_transform
 from models.checkpoint import load_checkpoint_file
 from training.checkpoints import LATEST
 
-VOCAB = Path(__file__).parent / "fixtures" / "vocab.txt"
+VOCAB = Path(__file__).parents[1] / "fixtures" / "vocab.txt"
 # Words of the fixture vocabulary, so that every caption tokenises without [UNK].
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (250, 250, 250),
            "black": (5, 5, 5)}

@@ -253,7 +253,7 @@ def test_prepare_data_says_where_the_instances_go(tmp_path, capsys, monkeypatch)
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "prepare_data.py"
     spec = importlib.util.spec_from_file_location("prepare_data_for_chair", script)
     prepare_data = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, prepare_data)  # its dataclasses look their module up there

@@ -11,7 +11,7 @@ import eval_caption
 import train_caption
 from models.checkpoint import load_checkpoint_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO / "configs" / "toy" / "pretrain.yaml")
 
 

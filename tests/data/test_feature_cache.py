@@ -21,7 +21,7 @@ from data.feature_cache import CachedFeatureDataset, ensure_feature_cache, read_
 from models import CaptionObjective, PrefixCaptioner
 from models.objectives import caption_loss
 
-CLIPCAP = Path(__file__).parent / "fixtures" / "clipcap_original"
+CLIPCAP = Path(__file__).parents[1] / "fixtures" / "clipcap_original"
 GPT = dict(vocab_size=453, n_positions=64, n_embd=32, n_layer=1, n_head=2)
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
             patch_size=16, projection_dim=24)
@@ -195,7 +195,7 @@ def _config(tmp_path, tokenizer_dir, root, annotation_file, *overrides, family="
     model = {"family": family, "max_text_length": 20,
              "prefix": {"gpt2": GPT, "clip": CLIP, "tokenizer": str(tokenizer_dir), "prefix_length": 2}}
     if family == "blip":
-        model = {"family": "blip", "arch": "tiny", "image_size": 32, "tokenizer": str(Path(__file__).parent
+        model = {"family": "blip", "arch": "tiny", "image_size": 32, "tokenizer": str(Path(__file__).parents[1]
                                                                                       / "fixtures" / "vocab.txt")}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({
@@ -300,7 +300,7 @@ def test_a_prefix_run_trains_on_cached_features_like_an_uncached_one(tokenizer_d
 
     checkpoint = tmp_path / "run_auto" / "checkpoint_best.safetensors"
     exported = tmp_path / "exported"
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"),
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "export_hf.py"),
                     str(checkpoint), str(exported)], check=True, capture_output=True)
     assert (exported / "gpt2" / "config.json").is_file() and (exported / "clip" / "config.json").is_file()
     image = Path(paths["image_root"]) / json.loads(train_file.read_text())[0]["image"]

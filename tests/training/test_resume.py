@@ -13,7 +13,7 @@ from training.checkpoints import LATEST
 from data import ensure_toy_dataset
 from models.checkpoint import load_checkpoint_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(tmp_path, output_dir, train_file, *extra, kill_at=None):

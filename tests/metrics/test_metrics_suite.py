@@ -28,7 +28,7 @@ from metrics.suite import COUNT_KEYS, DEFAULT_METRICS
 from metrics_fixtures import make_images, synthetic_coco
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

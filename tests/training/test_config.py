@@ -64,7 +64,7 @@ def test_missing_file_and_inheritance_loop_are_named(tmp_path):
 def test_every_shipped_config_validates():
     from pathlib import Path
 
-    configs = Path(__file__).parents[1] / "configs"
+    configs = Path(__file__).parents[2] / "configs"
     # configs/grammar_clip/ holds scripts/train_grammar_clip.py's own settings (tests/test_train_grammar_clip.py).
     for path in sorted(configs.rglob("*.yaml")):
         if path.parent.name != "grammar_clip":
@@ -88,7 +88,7 @@ def test_a_resolved_config_of_the_older_layout_loads_with_one_line_per_moved_key
 
     import yaml
 
-    toy = Path(__file__).parents[1] / "configs" / "toy"
+    toy = Path(__file__).parents[2] / "configs" / "toy"
     current = training.load_config(toy / "scst_clips.yaml", ["amp=false", "dist_timeout_minutes=5"])
     saved = _write(tmp_path / "config.yaml", yaml.safe_dump(_old_layout(current)))  # as config.yaml / a checkpoint
     caplog.set_level("WARNING", logger="smile_blip")
@@ -125,7 +125,7 @@ def test_the_old_keys_keep_their_meaning_for_one_release_only_where_they_stood_i
 def test_config_changes_name_every_changed_key_but_the_launch_keys():
     from pathlib import Path
 
-    toy = Path(__file__).parents[1] / "configs" / "toy"
+    toy = Path(__file__).parents[2] / "configs" / "toy"
     mle = training.load_config(toy / "mle.yaml")
     scst = training.load_config(toy / "scst_cider.yaml", ["resume=true", "overwrite=true"])
     changes = training.config_changes(mle, scst)

@@ -17,7 +17,7 @@ from metrics.finecapeval import (
     split_phrases,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = "image,caption,background,object,relation\n"
 # Row 2 (empty background) and row 4 (relation "NA", pandas' missing value) are dropped whole, as the scorer does.
 HAND_CSV = HEADER + (
