@@ -464,8 +464,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
-def write_json(path: str | Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+def write_json(path: str | Path, payload: Any, indent: int | None = 2) -> None:
+    """The project's one JSON writer: atomic (`atomic_write_text`), newline-terminated; ``indent=None`` writes one
+    compact line (large annotation files)."""
+    atomic_write_text(path, json.dumps(payload, indent=indent) + "\n")
 
 
 class JsonlLogger:

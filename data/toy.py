@@ -251,12 +251,6 @@ def toy_paths(root: str | Path) -> dict[str, Path]:
     }
 
 
-def _write_json(path: Path, payload: object) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.write("\n")
-
-
 def _write_dataset(directory: Path, manifest: dict) -> None:
     """Write every toy file into the (empty) `directory`; `manifest.json` goes last."""
     paths = toy_paths(directory)
@@ -285,15 +279,15 @@ def _write_dataset(directory: Path, manifest: dict) -> None:
                 annotations[split].append({"image": image_path, "caption": references, "toy_scene": scenes[image_id]})
 
     for split in SPLITS:
-        _write_json(paths[f"{split}_file"], annotations[split])
+        utils.write_json(paths[f"{split}_file"], annotations[split], indent=1)
     for split in ("val", "test"):
         gt = build_coco_gt(paths[f"{split}_file"])
         for image in gt["images"]:
             image["toy_scene"] = scenes[image["id"]]
         gt["toy_grammar"] = toy_grammar()
-        _write_json(paths[f"{split}_gt"], gt)
+        utils.write_json(paths[f"{split}_gt"], gt, indent=1)
     paths["vocab_file"].write_text("\n".join([*SPECIAL_TOKENS, *sorted(vocabulary)]) + "\n", encoding="utf-8")
-    _write_json(directory / "manifest.json", manifest)
+    utils.write_json(directory / "manifest.json", manifest, indent=1)
 
 
 def _read_manifest(root: Path) -> dict | None:

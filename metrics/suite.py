@@ -458,18 +458,23 @@ class MetricSession:
         progress = scoring and self.options.progress
         if scoring:
             self._lane_states("clip")
-        with self._timed("clip_images"):
-            self._images.add_missing(paths, lambda todo: encode_images(
-                todo, self.clip, self.options.batch_size, self.options.num_workers, progress), key=_path_key)
+        def encode(todo):  # timed (and logged) only when some image is not cached yet
+            with self._timed("clip_images"):
+                return encode_images(todo, self.clip, self.options.batch_size, self.options.num_workers, progress)
+
+        self._images.add_missing(paths, encode, key=_path_key)
         return self._images.get(paths, key=_path_key)
 
     def _text_features(self, texts: Sequence[str], scoring: bool) -> torch.Tensor:
         progress = scoring and self.options.progress
         if scoring:
             self._lane_states("clip")
-        with self._timed("clip_texts"):
-            self._texts.add_missing(texts, lambda todo: encode_texts(
-                todo, self.clip, prefix="", batch_size=self.options.text_batch_size, progress=progress))
+        def encode(todo):  # timed (and logged) only when some text is not cached yet
+            with self._timed("clip_texts"):
+                return encode_texts(todo, self.clip, prefix="", batch_size=self.options.text_batch_size,
+                                    progress=progress)
+
+        self._texts.add_missing(texts, encode)
         return self._texts.get(texts)
 
     # ---- scoring ----------------------------------------------------------------------------------

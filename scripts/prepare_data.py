@@ -262,13 +262,8 @@ def write_gt_files(spec: DatasetSpec, ann_dir: Path) -> None:
                 gt = build_coco_gt(split_path)
             except AnnotationError as error:
                 raise PrepareError(str(error)) from None
-        write_json_atomic(ann_dir / split.gt, gt)
+        utils.write_json(ann_dir / split.gt, gt, indent=None)
         print(f"wrote {ann_dir / split.gt} ({len(gt['images'])} images, {len(gt['annotations'])} captions)")
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    with utils.atomic_open(path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,13 +320,13 @@ def prepare_finecapeval(root: Path, image_root: Path | None, check_only: bool, s
     if len(set(ids)) < len(ids):
         print(f"prepare_data: {csv_path}: two images share an integer id from their file names", file=sys.stderr)
         return 1
-    write_json_atomic(ann_dir / "finecapeval_test.json", entries)
+    utils.write_json(ann_dir / "finecapeval_test.json", entries, indent=None)
     try:
         gt = build_coco_gt(ann_dir / "finecapeval_test.json")
     except AnnotationError as error:
         print(f"prepare_data: {error}", file=sys.stderr)
         return 1
-    write_json_atomic(ann_dir / "finecapeval_test_gt.json", gt)
+    utils.write_json(ann_dir / "finecapeval_test_gt.json", gt, indent=None)
     print(f"wrote {ann_dir / 'finecapeval_test.json'} and {ann_dir / 'finecapeval_test_gt.json'} "
           f"({len(gt['images'])} images, {len(gt['annotations'])} captions)\nFineCapEval is ready.")
     return 0
