@@ -117,6 +117,8 @@ def test_prefix_captioners_and_scst_rewards_also_ask_for_the_toy_models():
     prefix = training.load_config(configs / "prefix_mle.yaml", ["eval.metrics=[coco]"])
     assert _needs(prefix) == {"clip": {"cache/toy_clip"}, "gpt2": {"cache/toy_gpt2"}}
     scst = training.load_config(configs / "scst_clips.yaml", ["eval.metrics=[coco]"])
-    assert _needs(scst) == {"clip": {"cache/toy_clip"}, "gpt2": set()}
+    assert _needs(scst) == {"clip": set(), "gpt2": set()}  # the reward's CLIP comes from the trainer:
+    reward_clip = training.steps.reward_clip_model(scst["objective"])
+    assert _needs(scst, reward_clip) == {"clip": {"cache/toy_clip"}, "gpt2": set()}
     cider = training.load_config(configs / "scst_cider.yaml", ["eval.metrics=[coco]"])
-    assert _needs(cider) == {"clip": set(), "gpt2": set()}
+    assert _needs(cider, training.steps.reward_clip_model(cider["objective"])) == {"clip": set(), "gpt2": set()}

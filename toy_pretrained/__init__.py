@@ -13,21 +13,20 @@ from pathlib import Path
 from toy_pretrained.clip import ToyClipRecipe, ensure_toy_clip
 from toy_pretrained.gpt2 import ToyGpt2Recipe, ensure_toy_gpt2
 
-CLIP_GROUPS = frozenset({"retrieval", "clipscore"})
-GPT2_GROUPS = frozenset({"ppl"})
+def _needs(config: dict, reward_clip: str | None = None) -> dict[str, set]:
+    """Which toy CLIP / GPT-2 folders this run will load: those of the ``eval.metrics`` groups that need a CLIP or
+    a language model (metrics/registry.py), ``reward_clip`` (the SCST rewards' CLIP, which the trainer reads from
+    the objective: training.steps.reward_clip_model), and the parts the captioner's family loads (its
+    ``config_sources`` of kind "clip" / "gpt2", e.g. a prefix LM's)."""
+    from metrics.registry import groups_needing
 
-
-def _needs(config: dict) -> dict[str, set]:
-    """Which config keys name a toy CLIP / GPT-2 this run will load: evaluation metrics, SCST rewards, and the
-    parts the captioner's family loads (its ``config_sources`` of kind "clip" / "gpt2", e.g. a prefix LM's)."""
     groups = set(config["eval"]["metrics"])
     needs = {"clip": set(), "gpt2": set()}
-    if groups & CLIP_GROUPS:
+    if groups & groups_needing("clip"):
         needs["clip"].add(config["eval"]["clip_model"])
-    reward_clip = _reward_clip(config.get("objective"))
     if reward_clip is not None:
         needs["clip"].add(reward_clip)
-    if groups & GPT2_GROUPS:
+    if groups & groups_needing("lm"):
         needs["gpt2"].add(config["eval"]["ppl_model"])
     if "model" in config:
         from models.families import captioner_family
@@ -36,18 +35,6 @@ def _needs(config: dict) -> dict[str, set]:
             if kind in needs and isinstance(source, str):
                 needs[kind].add(source)
     return needs
-
-
-def _reward_clip(objective) -> str | None:
-    """The CLIP the objective's SCST rewards load (``objective.scst.clip_model``; training.steps, the one reader of
-    that spec), or None when no reward uses CLIP."""
-    if objective is None:
-        return None
-    from training.steps import CLIP_REWARDS, reward_names, split_objective
-
-    if not any(name in CLIP_REWARDS for name in reward_names(objective) or ()):
-        return None
-    return split_objective(objective)[0]["clip_model"]
 
 
 def built_on_first_use(config: dict, source: str | Path) -> bool:
@@ -62,11 +49,12 @@ def built_on_first_use(config: dict, source: str | Path) -> bool:
     return not folder.exists() or (folder / "manifest.json").is_file()
 
 
-def ensure_for_config(config: dict) -> list[Path]:
+def ensure_for_config(config: dict, reward_clip: str | None = None) -> list[Path]:
     """Build the toy CLIP / GPT-2 a toy run needs; returns the folders built or checked.
 
     A model is built (or its cache checked against the recipe) only when ``data.toy`` is set, the run needs it
-    (an ``eval.metrics`` group, an SCST reward, or a prefix captioner's ``model.prefix.clip`` / ``gpt2``), and
+    (an ``eval.metrics`` group, the SCST rewards' ``reward_clip``, or a prefix captioner's ``model.prefix.clip`` /
+    ``gpt2``), and
     the folder named there sits beside ``data.toy_root`` (the toy cache, e.g. ``cache/toy_clip`` beside
     ``cache/toy``) and is missing or holds a build of ours (a ``manifest.json``). Hub ids and other local models
     are left alone.
@@ -75,7 +63,7 @@ def ensure_for_config(config: dict) -> list[Path]:
         return []
     toy_root = Path(config["data"]["toy_root"]).absolute()
     built = []
-    for kind, sources in _needs(config).items():
+    for kind, sources in _needs(config, reward_clip).items():
         ensure = ensure_toy_clip if kind == "clip" else ensure_toy_gpt2
         for source in sorted(sources):
             if built_on_first_use(config, source):

@@ -50,7 +50,7 @@ def build_toy_assets(config: dict) -> None:
     from toy_pretrained import ensure_for_config
 
     ensure_toy_dataset(config["data"]["toy_root"])
-    ensure_for_config(config)
+    ensure_for_config(config, reward_clip=steps.reward_clip_model(config["objective"]))
 
 
 def resolve_data_paths(config: dict) -> dict:

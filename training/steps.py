@@ -120,6 +120,14 @@ def split_objective(spec) -> tuple[dict | None, str | dict | None]:
     return scst, (rest or None)
 
 
+def reward_clip_model(spec) -> str | None:
+    """The CLIP the objective's SCST rewards load (``objective.scst.clip_model``), or None when no reward needs one.
+    ``spec`` is valid (``check_objective``)."""
+    if not any(name in CLIP_REWARDS for name in reward_names(spec)):
+        return None
+    return split_objective(spec)[0]["clip_model"]
+
+
 def reward_names(spec) -> list[str]:
     """The reward names of ``objective``'s SCST part (``[]`` without one). ``spec`` is valid (``check_objective``)."""
     scst, _ = split_objective(spec)
