@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -117,12 +117,7 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
     config = copy.deepcopy(config)
     for text in overrides:
         keys, value = parse_override(text)
-        node = config
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {key!r} is not a section")
-        node[keys[-1]] = value
+        set_by_path(config, keys, value, what=f"override {text!r}")
     return config
 
 
@@ -183,11 +178,31 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), defaults_path: 
     return merge(defaults, content)
 
 
-def get_by_path(config: dict, dotted: str) -> Any:
+_REQUIRED = object()
+
+
+def get_by_path(config: dict, dotted: str, default: Any = _REQUIRED) -> Any:
+    """The value at ``dotted`` (``"train.lr"``); where the path is missing (or runs into a non-mapping), ``default``
+    when one is given, else KeyError."""
     node = config
     for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            if default is _REQUIRED:
+                raise KeyError(dotted)
+            return default
         node = node[key]
     return node
+
+
+def set_by_path(config: dict, keys: Sequence[str], value: Any, what: str | None = None) -> None:
+    """Set ``config[k0][k1]...[kn] = value``, creating missing sections; a key on the way that holds a value rather
+    than a section is a ConfigError naming ``what`` (default: the dotted key)."""
+    node = config
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what or '.'.join(keys)}: {key!r} is not a section")
+    node[keys[-1]] = value
 
 
 def require_path(key: str, value: Any, folder: bool = False) -> None:

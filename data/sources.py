@@ -10,6 +10,7 @@ The training loader, SCST and the feature cache never read a dataset's internals
     len(source)                  samples in one epoch, over all processes
     source.references()          image id -> its normalised training captions (SCST's CIDEr-D references)
     source.reference_files()     files whose content identifies those references (names the CIDEr-D cache)
+    source.describe()            where the samples come from, in the config's words (for messages)
     source.image_files()         the images as files, for the feature cache; None when they are not files
     source.with_cached_features(cache_file)   the dataset with each image replaced by its cached features
 
@@ -87,6 +88,10 @@ class CaptionSource(abc.ABC):
     def references(self) -> dict[int, list[str]]:
         """Image id -> its training captions as the dataset gives them (normalised), for SCST's CIDEr-D."""
 
+    def describe(self) -> str:
+        """Where the samples come from, in the config's words, for messages ("data.train_files [...]")."""
+        return f"the data source {type(self).__name__}"
+
     def reference_files(self) -> list[Path]:
         """Files whose content identifies `references` (their hash names the cached CIDEr-D document
         frequencies); none by default, and the statistics are then computed afresh each run."""
@@ -129,6 +134,9 @@ class AnnotationSource(CaptionSource):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def describe(self) -> str:
+        return f"data.train_files {[str(name) for name in self.dataset.annotation_files]}"
 
     def references(self) -> dict[int, list[str]]:
         references: dict[int, list[str]] = {}

@@ -72,29 +72,11 @@ class _Absent:
         return "(not set)"
 
 
-_ABSENT = _Absent()
-
-
-def _get(config: dict, dotted: str, default=_ABSENT):
-    """The value at ``dotted``, or ``default`` where the path is missing (or runs into a non-mapping)."""
-    node = config
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return default
-        node = node[key]
-    return node
+_ABSENT = _Absent()  # marks a key a config does not set (shown as such in `config_changes`)
 
 
 def _has(config: dict, dotted: str) -> bool:
-    return _get(config, dotted) is not _ABSENT
-
-
-def _set(config: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = config
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[last] = value
+    return utils.get_by_path(config, dotted, _ABSENT) is not _ABSENT
 
 
 def _default(dotted: str):
@@ -131,18 +113,18 @@ def upgrade_layout(content: dict, source: str = "config", warn: bool = True) -> 
         value = content[old.split(".")[0]].pop(old.split(".")[1])
         if _has(content, new):
             raise utils.ConfigError(f"{source} sets both {old} and {new}; {old} is the old name of {new}: keep {new}")
-        _set(content, new, value)
+        utils.set_by_path(content, new.split("."), value)
         notes.append(f"{old} is deprecated, set {new} instead (the old name still works in this release)")
     scst = _reward_clip_options(content.get("objective"))
-    clip_model = _get(content, "eval.clip_model", steps.SCST_DEFAULTS["clip_model"])
+    clip_model = utils.get_by_path(content, "eval.clip_model", steps.SCST_DEFAULTS["clip_model"])
     if scst is not None and "clip_model" not in scst and clip_model != steps.SCST_DEFAULTS["clip_model"]:
         scst["clip_model"] = clip_model
         notes.append(_fallback_note("eval.clip_model", "objective.scst.clip_model", clip_model))
-    batch_size = _get(content, "eval.batch_size", None)
+    batch_size = utils.get_by_path(content, "eval.batch_size", None)
     if (batch_size is not None and batch_size != _default("data.feature_cache_batch_size")
             and not _has(content, "data.feature_cache_batch_size")
-            and _get(content, "data.feature_cache", "auto") not in ("off", False)):
-        _set(content, "data.feature_cache_batch_size", batch_size)
+            and utils.get_by_path(content, "data.feature_cache", "auto") not in ("off", False)):
+        utils.set_by_path(content, ["data", "feature_cache_batch_size"], batch_size)
         notes.append(_fallback_note("eval.batch_size", "data.feature_cache_batch_size", batch_size))
     if warn:
         for note in notes:

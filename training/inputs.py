@@ -62,7 +62,7 @@ def resolve_data_paths(config: dict) -> dict:
 
 
 def metric_model_sources(groups, clip_model, ppl_model, keys=("eval.clip_model", "eval.ppl_model"),
-                         clip_rewards: bool = False, groups_key: str = "eval.metrics") -> list[tuple[str, str]]:
+                         groups_key: str = "eval.metrics") -> list[tuple[str, str]]:
     """``(key, source)`` of the CLIP and GPT-2 that scoring ``groups`` (None: the default groups) will load, from
     the groups' needs in metrics/registry.py. The group names are checked first (an unknown one is an error naming
     ``groups_key`` and the valid names)."""
@@ -71,7 +71,7 @@ def metric_model_sources(groups, clip_model, ppl_model, keys=("eval.clip_model",
     groups = DEFAULT_METRICS if groups is None else list(groups)
     needs = needs_of(check_groups(groups, what=groups_key)) if groups else frozenset()
     sources = []
-    if "clip" in needs or clip_rewards:
+    if "clip" in needs:
         sources.append((keys[0], clip_model))
     if "lm" in needs:
         sources.append((keys[1], ppl_model))
@@ -99,18 +99,19 @@ def reward_model_sources(objective) -> list[tuple[str, str]]:
     scst, _ = steps.split_objective(objective)
     if scst is None:
         return []
-    rewards = steps.reward_names(objective) or []
+    rewards = steps.reward_names(objective)
     if "grammar" in rewards:
         if scst["grammar_model"] is None:
             raise utils.ConfigError("objective.scst.reward has grammar but objective.scst.grammar_model is not set: "
                                     "give the folder scripts/train_grammar_clip.py wrote")
         utils.require_path("objective.scst.grammar_model", scst["grammar_model"], folder=True)
-    if any(name in steps.CLIP_REWARDS for name in rewards):
-        if not isinstance(scst["clip_model"], str) or not scst["clip_model"]:
-            raise utils.ConfigError(f"objective.scst.clip_model must name the CLIP of the reward(s) {rewards} (a hub "
-                                    f"id or a local directory), got {scst['clip_model']!r}")
-        return [("objective.scst.clip_model", scst["clip_model"])]
-    return []
+    clip_model = steps.reward_clip_model(objective)
+    if clip_model is None:  # no reward needs a CLIP
+        return []
+    if not isinstance(clip_model, str) or not clip_model:
+        raise utils.ConfigError(f"objective.scst.clip_model must name the CLIP of the reward(s) {rewards} (a hub "
+                                f"id or a local directory), got {clip_model!r}")
+    return [("objective.scst.clip_model", clip_model)]
 
 
 def _weights_source(config: dict, key: str, source: str) -> list[tuple[str, str]]:

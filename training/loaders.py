@@ -103,10 +103,8 @@ def build_train_loader(config: dict, captioner) -> TrainLoader:
     loader, position = _loader(dataset, batch_size, True, collate, config, seed=config["seed"])
     if len(loader) == 0:  # incomplete batches are dropped: an epoch would run 0 steps and "finish" untrained
         world = utils.get_world_size()
-        what = (f"data.train_files {data_config['train_files']} hold" if data_config["source"] == "annotations"
-                else f"data.source {data_config['source']} gives")
         raise utils.ConfigError(
-            f"{what} {len(source)} training caption(s), fewer than one global batch (train.batch_size {batch_size} x "
+            f"{source.describe()} hold {len(source)} training caption(s), fewer than one global batch (train.batch_size {batch_size} x "
             f"{world} process(es) = {batch_size * world}); incomplete batches are dropped, so there is nothing to "
             "train on. Add captions or lower train.batch_size."
         )
@@ -129,7 +127,6 @@ def cached_feature_dataset(config: dict, captioner, source: CaptionSource) -> Da
         return source.dataset
     images = source.image_files()
     key = None if images is None else captioner.cached_feature_key(repr(images.transform))
-    rewards = steps.reward_names(config["objective"])
     if images is None:
         reason = f"data.source {data_config['source']} does not read its images from files"
     elif key is None:
@@ -137,7 +134,7 @@ def cached_feature_dataset(config: dict, captioner, source: CaptionSource) -> Da
                   f"{type(captioner).__name__}.cached_feature_key says when it has)")
     elif data_config["augment"]:
         reason = "data.augment is true (augmented images differ every epoch)"
-    elif any(name in steps.CLIP_REWARDS for name in rewards):
+    elif steps.reward_clip_model(config["objective"]) is not None:
         reason = "the objective's CLIP reward needs the batch's pixels"
     else:
         from data.feature_cache import ensure_feature_cache

@@ -146,6 +146,5 @@ def test_model_checks_come_from_the_needs():
     assert sources == [("eval.clip_model", "clip-dir")]
     assert training.metric_model_sources(None, "c", "g") == [("eval.clip_model", "c"), ("eval.ppl_model", "g")]
     assert training.metric_model_sources((), "c", "g") == []
-    assert training.metric_model_sources((), "c", "g", clip_rewards=True) == [("eval.clip_model", "c")]
     with pytest.raises(ValueError, match=r"eval.metrics: unknown metric groups \['clip'\]"):
         training.metric_model_sources(["clip"], "c", "g")
