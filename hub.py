@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,10 +34,6 @@ PROBE_TIMEOUT_S = 5.0
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # Suffixes that make a name a file, never a hub repository (a hub id such as "gpt2" or "owner/name" has none).
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".txt", ".json", ".yaml", ".yml", ".model")
-# A model id the hub accepts (huggingface_hub's validate_repo_id): [owner/]name, each part of letters, digits, "_",
-# "-" and ".", starting and ending with a letter, digit or "_", no "--" or "..", at most 96 characters.
-_HUB_ID_PART = r"(?![-.])[\w.-]+(?<![-.])"
-HUB_ID = re.compile(rf"(?:{_HUB_ID_PART}/)?{_HUB_ID_PART}")
 HINT = ("set HF_HUB_OFFLINE=1 to use only the local hub cache (after fetching the model once on a machine with "
         "network), or give a local folder")
 
@@ -73,10 +68,18 @@ def is_offline() -> bool:
 
 
 def could_be_hub_id(source: str | Path) -> bool:
-    """Whether the hub would accept ``source`` as a model id (``gpt2``, ``owner/name``) and it has no file suffix."""
+    """Whether the hub would accept ``source`` as a model id (``gpt2``, ``owner/name``: huggingface_hub's own
+    ``validate_repo_id``) and it has no file suffix."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     text = str(source)
-    return (len(text) <= 96 and HUB_ID.fullmatch(text) is not None and "--" not in text and ".." not in text
-            and Path(text).suffix.lower() not in FILE_SUFFIXES)
+    if Path(text).suffix.lower() in FILE_SUFFIXES:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def must_be_local(source: str | Path) -> bool:
