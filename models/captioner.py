@@ -24,6 +24,7 @@ import hub
 from imaging import eval_transform
 
 from .attention import attention_of, set_attention
+from .generation import check_generation_counts
 from .objectives import IGNORE_INDEX, HeadFeatures
 from .parameter_groups import weight_decay_groups
 from .text_padding import after_first_end, check_text_padding, pad_to, padded_length
@@ -428,14 +429,24 @@ class BlipCaptioner(nn.Module):
         min_length: int = 10,
         top_p: float = 0.9,
         repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        num_return_sequences: int = 1,
     ) -> torch.Tensor:
-        """Token ids (B, <= max_length) including the bos + prompt prefix, padded after [SEP].
+        """Token ids (B * num_return_sequences, <= max_length) including the bos + prompt prefix, padded after
+        [SEP], image-major (the rows of image 0 first).
 
         As in BLIP, ``max_length`` and ``min_length`` count the prompt tokens, and [SEP] ends a caption. Beam
-        search unless ``sample``; sampling is nucleus sampling with ``top_p`` and one sequence per image (with
-        transformers' default top-k of 50 also applied, as it was under BLIP's transformers 4.15).
+        search unless ``sample``; sampling is nucleus sampling with ``top_p`` (with transformers' default top-k
+        of 50 also applied, as it was under BLIP's transformers 4.15). ``num_return_sequences``: the best
+        ``num_return_sequences`` beams of each image, best first (at most ``num_beams``), or that many
+        independent samples. ``no_repeat_ngram_size`` > 0 forbids any n-gram of that size from occurring twice
+        (transformers' ``NoRepeatNGramLogitsProcessor``); the n-grams are counted over the whole sequence, prompt
+        included, as transformers' ``BlipForConditionalGeneration`` counts them, so a caption cannot repeat an
+        n-gram of the prompt either. 0 turns it off.
         """
-        options = dict(max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
+        check_generation_counts(sample, num_beams, no_repeat_ngram_size, num_return_sequences)
+        options = dict(max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty,
+                       no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences)
         if sample:
             options.update(do_sample=True, top_p=top_p, top_k=50, num_beams=1)
         else:
@@ -493,7 +504,8 @@ class BlipCaptioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, **options) -> list[str]:
-        """Captions for a batch of images (B, 3, H, W), prompt stripped. Options as in ``generate_ids``."""
+        """Captions for a batch of images (B, 3, H, W), prompt stripped: B * ``num_return_sequences`` strings,
+        image-major. Options as in ``generate_ids``."""
         return self.decode(self.generate_ids(pixel_values, **options))
 
 

@@ -71,8 +71,13 @@ class CaptionModel(Protocol):
 
     Generation:
 
-    * ``generate_ids(pixel_values, sample, num_beams, max_length, min_length, top_p, repetition_penalty)`` ->
-      (I, L') ids; ``generate(pixel_values, **options) -> list[str]`` does ``decode`` too (evaluation).
+    * ``generate_ids(pixel_values, sample, num_beams, max_length, min_length, top_p, repetition_penalty,
+      no_repeat_ngram_size=0, num_return_sequences=1)`` -> (I * num_return_sequences, L') ids, image-major:
+      beam search (the best ``num_return_sequences`` <= ``num_beams`` beams, best first) or nucleus sampling
+      (that many samples); ``no_repeat_ngram_size`` > 0 bans repeated n-grams of that size, 0 is off (a family
+      that cannot honour a value raises ValueError rather than ignoring it); ``models.generation`` checks the
+      counts. ``generate(pixel_values, **options) -> list[str]`` does ``decode`` too (evaluation,
+      ``Captioner``).
     * ``sample_ids(pixel_values, num_samples=1, max_new_tokens=20, greedy=False)`` -> (I * num_samples, L') SCST
       rollouts in ``tokenize``'s layout, image-major, padded after each caption's end token; ``sequence_mask(ids)
       -> (I * num_samples, L')`` their attention mask (1 through the end token), so that ``build_targets`` and
@@ -148,7 +153,8 @@ class CaptionModel(Protocol):
     # -- generation
     def generate_ids(self, pixel_values: torch.Tensor, sample: bool = False, num_beams: int = 3,
                      max_length: int = 30, min_length: int = 1, top_p: float = 0.9,
-                     repetition_penalty: float = 1.0) -> torch.Tensor: ...
+                     repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                     num_return_sequences: int = 1) -> torch.Tensor: ...
 
     def generate(self, pixel_values: torch.Tensor, **options) -> list[str]: ...
 

@@ -26,9 +26,10 @@ from .families import CAPTIONER_FAMILIES, CaptionModel, captioner_family
 
 logger = logging.getLogger(__name__)
 
-# configs/default.yaml's eval section (the SMILE paper's decoding): beam 3, up to 75 tokens with the prompt.
+# configs/default.yaml's eval section (the SMILE paper's decoding): beam 3, up to 75 tokens with the prompt; no
+# n-gram ban (no_repeat_ngram_size 0), as the paper.
 DEFAULT_GENERATION = {"sample": False, "num_beams": 3, "max_length": 75, "min_length": 1, "top_p": 0.9,
-                      "repetition_penalty": 1.0}
+                      "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 ImageInput = Image.Image | str | Path
 
 
@@ -140,26 +141,87 @@ class Captioner:
 
         ``options`` override the decoding defaults (``self.generation``): ``num_beams``, ``max_length`` and
         ``min_length`` (tokens, prompt included, as BLIP), ``sample`` (nucleus sampling with ``top_p``; seed
-        with ``torch.manual_seed`` for repeatable samples), ``repetition_penalty``.
+        with ``torch.manual_seed`` for repeatable samples), ``repetition_penalty``, ``no_repeat_ngram_size``
+        (> 0: no n-gram of that size twice in a caption, against repetition loops; BLIP counts its prompt too).
         """
-        unknown = set(options) - set(DEFAULT_GENERATION)
-        if unknown:
-            raise TypeError(f"unknown caption option(s) {sorted(unknown)}; valid: {sorted(DEFAULT_GENERATION)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         single = isinstance(images, (str, Path, Image.Image))
         items = [images] if single else list(images)
+        settings = self.generation_settings(**options)
+        captions: list[str] = []
+        for start in range(0, len(items), batch_size):
+            captions += self.caption_pixels(self.preprocess(items[start : start + batch_size]), **settings)
+        return captions[0] if single else captions
+
+    @torch.no_grad()
+    def caption_candidates(self, pixel_values_or_images: torch.Tensor | ImageInput | Iterable[ImageInput],
+                           num_candidates: int, batch_size: int = 16, **options) -> list[list[str]]:
+        """``num_candidates`` captions per image, for re-ranking (``captioning.rerank.rerank_by_clip``): one list
+        per image, in input order (a single image too gives a list of one list).
+
+        Without ``sample``: the best ``num_candidates`` beams of one beam search, best first; the beam width is
+        ``max(num_beams, num_candidates)``, since a beam search keeps no more hypotheses than its width (so with
+        more candidates than ``num_beams`` the first candidate can differ from ``caption``'s). With ``sample``:
+        ``num_candidates`` independent nucleus samples per image (duplicates are possible and kept). Other
+        ``options`` as in ``caption``.
+
+        Args:
+            pixel_values_or_images: (B, 3, S, S) pixels already preprocessed with ``self.transform`` (any
+                device), or what ``caption`` takes (one image or path, or several).
+            num_candidates: N >= 1 captions per image.
+            batch_size: images per generation call (each expands to N rows); ignored for a tensor, which is one
+                batch.
+        """
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+            raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        settings = self.generation_settings(**options)
+        if not settings["sample"]:
+            settings["num_beams"] = max(settings["num_beams"], num_candidates)
+        if isinstance(pixel_values_or_images, torch.Tensor):
+            batches = [pixel_values_or_images]
+        else:
+            items = pixel_values_or_images
+            items = [items] if isinstance(items, (str, Path, Image.Image)) else list(items)
+            batches = (self.preprocess(items[start : start + batch_size]) for start in range(0, len(items), batch_size))
+        candidates: list[list[str]] = []
+        for pixel_values in batches:
+            flat = self._generate(pixel_values, settings, num_return_sequences=num_candidates)  # image-major
+            candidates += [flat[start : start + num_candidates] for start in range(0, len(flat), num_candidates)]
+        return candidates
+
+    def generation_settings(self, **options) -> dict:
+        """``self.generation`` with ``options`` applied, checked: unknown names raise ``TypeError``, a
+        ``max_length`` beyond the model's text positions or a negative ``no_repeat_ngram_size`` ``ValueError``."""
+        unknown = set(options) - set(DEFAULT_GENERATION)
+        if unknown:
+            raise TypeError(f"unknown caption option(s) {sorted(unknown)}; valid: {sorted(DEFAULT_GENERATION)}")
         settings = {**self.generation, **options}
+        ngram = settings["no_repeat_ngram_size"]
+        if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {ngram!r}")
         if settings["max_length"] > self.max_positions:
             raise ValueError(f"max_length {settings['max_length']} exceeds this model's {self.max_positions} text "
                              "positions (prompt included)")
-        captions: list[str] = []
-        for start in range(0, len(items), batch_size):
-            pixel_values = self.preprocess(items[start : start + batch_size])
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
-            with autocast:
-                captions += self.model.generate(pixel_values, **settings)
-        return captions[0] if single else captions
+        return settings
+
+    @torch.no_grad()
+    def caption_pixels(self, pixel_values: torch.Tensor, **options) -> list[str]:
+        """Captions for one batch already preprocessed with ``self.transform``: ``pixel_values`` (B, 3, S, S) on
+        any device (moved to the captioner's). For callers that decode images in DataLoader workers
+        (caption_images.py); ``caption`` goes through here too, so both give the same captions."""
+        return self._generate(pixel_values, self.generation_settings(**options))
+
+    def _generate(self, pixel_values: torch.Tensor, settings: dict, **extra) -> list[str]:
+        """The family's ``generate`` on ``pixel_values`` moved to the device, under bf16 autocast on CUDA when
+        ``amp``; ``settings`` already checked by ``generation_settings``, ``extra`` family options beyond them
+        (``num_return_sequences``)."""
+        pixel_values = pixel_values.to(self.device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        with autocast:
+            return self.model.generate(pixel_values, **settings, **extra)
 
     def __repr__(self) -> str:
         return f"Captioner(image_size={self.image_size}, device={self.device}, generation={self.generation})"

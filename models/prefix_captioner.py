@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ import hub
 from imaging import CLIP_MEAN, CLIP_STD
 
 from .checkpoint import CheckpointError
+from .generation import check_generation_counts
 from .objectives import IGNORE_INDEX, HeadFeatures
 from .parameter_groups import weight_decay_groups
 from .prefix_mappers import PrefixMLP, TransformerMapper
@@ -516,27 +518,42 @@ class PrefixCaptioner(nn.Module):
         min_length: int = 1,
         top_p: float = 0.9,
         repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        num_return_sequences: int = 1,
     ) -> torch.Tensor:
-        """Caption ids (B, <= max_length), EOS-padded after a caption ends (``decode`` drops the padding).
+        """Caption ids (B * num_return_sequences, <= max_length), EOS-padded after a caption ends (``decode``
+        drops the padding), image-major (the rows of image 0 first).
 
         ``max_length`` / ``min_length`` count caption tokens (there is no prompt), capped at ``max_positions``.
-        With ``original_generation`` the best ClipCap ``generate_beam`` beam (``num_beams`` > 1) or ClipCap's
+        With ``original_generation`` the best ClipCap ``generate_beam`` beams (``num_beams`` > 1) or ClipCap's
         ``generate2`` greedy caption (``num_beams`` 1) per image; otherwise transformers' batched ``generate``.
+        ``num_return_sequences``: the best beams of each image, best first (at most ``num_beams``), or that many
+        independent samples. ``no_repeat_ngram_size`` > 0 forbids an n-gram of that size from occurring twice in
+        a caption (transformers' ``NoRepeatNGramLogitsProcessor``; the prefix is embeddings, not tokens, so only
+        caption tokens count); ClipCap's own loops have no such rule, so ``original_generation`` refuses it.
         ``pixel_values``: pixels (B, 3, S, S) or cached tower features, as in ``forward``.
         """
+        check_generation_counts(sample, num_beams, no_repeat_ngram_size, num_return_sequences)
         prefix_embeds = self.model.project(self.model.image_prefix(pixel_values))
         max_length = min(max_length, self.max_positions)
         if self.original_generation:
             if sample:
                 raise ValueError("original_generation has no sampling (ClipCap's generate2 is greedy); set "
                                  "sample: false or original_generation: false")
+            if no_repeat_ngram_size > 0:
+                raise ValueError(f"original_generation (ClipCap's generate_beam / generate2) has no "
+                                 f"no_repeat_ngram_size; got {no_repeat_ngram_size}: set it to 0 or "
+                                 "original_generation: false")
             if num_beams > 1:
-                rows = [beams[0] for beams in self._original_beam(prefix_embeds, num_beams, max_length)]
+                beams = self._original_beam(prefix_embeds, num_beams, max_length)
+                rows = [row for ranked in beams for row in ranked[:num_return_sequences]]
             else:
                 rows = self._original_greedy(prefix_embeds, max_length)
             return self._pad_rows(rows)
         return self._hf_generate(prefix_embeds, sample=sample, num_beams=num_beams, max_length=max_length,
-                                 min_length=min_length, top_p=top_p, repetition_penalty=repetition_penalty)
+                                 min_length=min_length, top_p=top_p, repetition_penalty=repetition_penalty,
+                                 no_repeat_ngram_size=no_repeat_ngram_size,
+                                 num_return_sequences=num_return_sequences)
 
     @torch.no_grad()
     def sample_ids(self, pixel_values: torch.Tensor, num_samples: int = 1, max_new_tokens: int = 20,
@@ -574,7 +591,8 @@ class PrefixCaptioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, **options) -> list[str]:
-        """Captions for a batch of images (B, 3, H, W). Options as in ``generate_ids``."""
+        """Captions for a batch of images (B, 3, H, W): B * ``num_return_sequences`` strings, image-major.
+        Options as in ``generate_ids``."""
         return self.decode(self.generate_ids(pixel_values, **options))
 
     @torch.no_grad()
@@ -604,24 +622,31 @@ class PrefixCaptioner(nn.Module):
         return [rows[index : index + beams] for index in range(0, len(rows), beams)]
 
     def _hf_generate(self, prefix_embeds, sample, num_beams, max_length, min_length, top_p, repetition_penalty,
-                     num_return_sequences: int = 1, stop_id: int | None = None) -> torch.Tensor:
-        """transformers' ``generate`` on ``inputs_embeds`` (B, P, W); returns only the new ids (B * R, <= L)."""
+                     num_return_sequences: int = 1, stop_id: int | None = None,
+                     no_repeat_ngram_size: int = 0) -> torch.Tensor:
+        """transformers' ``generate`` on ``inputs_embeds`` (B, P, W); returns only the new ids (B * R, <= L),
+        image-major."""
         eos = self.tokenizer.eos_token_id
         stop_id = self.stop_token_id if stop_id is None else stop_id
         options = dict(max_new_tokens=max_length, min_new_tokens=min(min_length, max_length),
-                       repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
+                       repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
+                       no_repeat_ngram_size=no_repeat_ngram_size)
         if sample:
             options.update(do_sample=True, top_p=top_p, top_k=50, num_beams=1)
         else:
             options.update(do_sample=False, num_beams=num_beams)
         attention_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
-        generated = self.model.gpt.generate(
-            inputs_embeds=prefix_embeds.to(self.model.gpt.lm_head.weight.dtype),
-            attention_mask=attention_mask,
-            eos_token_id=[eos] if stop_id is None else [eos, stop_id],
-            pad_token_id=eos,
-            **options,
-        )
+        with warnings.catch_warnings():
+            # transformers warns that the n-gram ban skips the prompt when there are only ``inputs_embeds``: here
+            # the prompt is the image prefix, which has no tokens to ban, so that is the intended behaviour.
+            warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+            generated = self.model.gpt.generate(
+                inputs_embeds=prefix_embeds.to(self.model.gpt.lm_head.weight.dtype),
+                attention_mask=attention_mask,
+                eos_token_id=[eos] if stop_id is None else [eos, stop_id],
+                pad_token_id=eos,
+                **options,
+            )
         # After the first stop (".") or EOS, everything is padding (EOS), which decode drops.
         return generated.masked_fill(self._after_end(generated, stop_id), eos)
 
