@@ -14,9 +14,21 @@ Definitions (the SMILE authors' choices, CLIP ViT-B/32 = ``openai/clip-vit-base-
   references carrying the same prefix, as in Hessel's reference code. Where both terms are 0 the
   harmonic mean is taken as 0 (Hessel's code divides 0 by 0 there).
 
-Text is truncated to CLIP's context (77 tokens for ViT-B/32) by the tokenizer, as Hessel's
-``clip.tokenize(truncate=True)`` does: the first 75 text tokens between start and end tokens.
-Embeddings are computed in fp32, in batches, on `device` (CUDA when available).
+Long texts (``long_text`` / ``MetricOptions.clip_long_text``, `CLIP_LONG_TEXT`):
+
+* ``"truncate"`` (the default, and the paper's metrics) -- text is truncated to the model's text window
+  (`ClipBundle.context_length`: ``config.text_config.max_position_embeddings``, 77 for ViT-B/32, 248 for Long-CLIP
+  converted to the transformers layout) by the tokenizer, as Hessel's ``clip.tokenize(truncate=True)`` does: the
+  first ``window - 2`` text tokens between start and end tokens. The window comes from the model, never from the
+  tokenizer's ``model_max_length`` (77 in OpenAI's tokenizer files, also when they sit beside a Long-CLIP).
+* ``"chunks"`` -- a text longer than the window is cut into pieces that fit (`split_long_texts`: consecutive
+  sentences packed up to the window, a sentence longer than the window split into runs of words); every piece
+  is embedded and the text's embedding is the L2-normalised mean of its pieces' unit embeddings. Texts that fit
+  are embedded as with "truncate" (the same tokens). Every metric then reads that one embedding unchanged.
+
+Whichever mode, the dicts of `self_retrieval`, `clip_score` and `ref_clip_score` (and the metric groups) report
+the share of captions longer than the window (`truncated_share`, percent): the captions "truncate" cut, and the
+ones "chunks" scored by pieces. Embeddings are computed in fp32, in batches, on `device` (CUDA when available).
 """
 from __future__ import annotations
 
@@ -24,6 +36,7 @@ import concurrent.futures.thread
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +60,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CLIPSCORE_PREFIX = "A photo depicts"
 CLIPSCORE_WEIGHT = 2.5
-RETRIEVAL_KEYS = ("R@1", "R@5", "R@10", "retrieval_pool")  # `retrieval_from_features` with the default ks
+# The retrieval group's keys: `retrieval_from_features`'s with the default ks, then the share of captions cut.
+RETRIEVAL_KEYS = ("R@1", "R@5", "R@10", "retrieval_pool", "retrieval_truncated_share")
+CLIPSCORE_KEYS = ("CLIPScore", "RefCLIPScore", "clip_truncated_share")  # the clipscore group's keys
+CLIP_LONG_TEXT = ("truncate", "chunks")  # how a text longer than CLIP's window is read (module docstring)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 ImageInput = str | Path | Image.Image
@@ -65,7 +81,9 @@ class ClipBundle:
 
     @property
     def context_length(self) -> int:
-        """Text positions the model has (77 for OpenAI CLIP); texts are truncated to this."""
+        """Text positions the model has, special tokens included (77 for OpenAI CLIP, 248 for Long-CLIP): the text
+        window. Read from the model's config, not from ``tokenizer.model_max_length``, so that a CLIP with a longer
+        window that ships OpenAI's tokenizer files (model_max_length 77) reads its whole window."""
         return int(self.model.config.text_config.max_position_embeddings)
 
 
@@ -200,6 +218,171 @@ def encode_images(
     return torch.cat(features) if features else torch.empty(0, clip.model.config.projection_dim)
 
 
+def check_long_text(mode: str, what: str = "clip_long_text") -> str:
+    """``mode`` if it is one of `CLIP_LONG_TEXT`, else a ValueError naming ``what`` and the valid modes."""
+    if not isinstance(mode, str) or mode not in CLIP_LONG_TEXT:
+        raise ValueError(f"{what} must be one of {list(CLIP_LONG_TEXT)}, got {mode!r}")
+    return mode
+
+
+def _token_ids(tokenizer, texts: Sequence[str], special: bool = True) -> list[list[int]]:
+    """Token ids of each text, not truncated (``verbose=False``: a text over ``model_max_length`` is expected here,
+    it is what we measure)."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=special, truncation=False, verbose=False)["input_ids"]
+
+
+def _window_ids(texts: Sequence[str], clip: ClipBundle) -> tuple[list[list[int]], torch.Tensor]:
+    """``(ids, counts)``: each text's ids cut to the model's window, and its token count before the cut ``(N,)``
+    long, special tokens included.
+
+    One tokenisation without truncation gives the counts; only the texts over the window are tokenised again, with
+    the tokenizer's own truncation at ``max_length=window`` (so the end token stays last, as Hessel's
+    ``clip.tokenize(truncate=True)``), whatever the tokenizer's ``model_max_length`` says.
+    """
+    ids = _token_ids(clip.tokenizer, texts)
+    counts = torch.tensor([len(row) for row in ids], dtype=torch.long)
+    over = torch.nonzero(counts > clip.context_length).flatten().tolist()
+    if over:
+        cut = clip.tokenizer([texts[i] for i in over], truncation=True, max_length=clip.context_length)["input_ids"]
+        for row, short in zip(over, cut):
+            ids[row] = short
+    return ids, counts
+
+
+def clip_token_counts(texts: Sequence[str], clip: ClipBundle | str | Path, prefix: str = "") -> torch.Tensor:
+    """Tokens CLIP's tokenizer makes of each ``prefix + " " + text``, special tokens included, before any
+    truncation: ``(N,)`` long. A count over `ClipBundle.context_length` means the text does not fit the window."""
+    clip = load_clip(clip)
+    return torch.tensor([len(row) for row in _token_ids(clip.tokenizer, with_prefix(texts, prefix))],
+                        dtype=torch.long)
+
+
+def truncated_share(texts: Sequence[str], clip: ClipBundle | str | Path, prefix: str = "",
+                    counts: torch.Tensor | None = None) -> float:
+    """Percent of the texts (``prefix + " " + text``) longer than the CLIP text window: the ones the "truncate"
+    mode cuts (and "chunks" reads by pieces). ``counts``: their `clip_token_counts`, when already known."""
+    clip = load_clip(clip)
+    if counts is None:
+        counts = clip_token_counts(texts, clip, prefix)
+    if len(counts) == 0:
+        return 0.0
+    return 100.0 * (counts > clip.context_length).double().mean().item()
+
+
+# A sentence ends at . ! ? or ; followed by white space, or at a line break.
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;])\s+|\s*\n\s*")
+
+
+def _pack(counts: Sequence[int], budget: int) -> list[int]:
+    """Group index of each item when consecutive items are packed greedily into groups of at most ``budget`` tokens
+    (an item over the budget forms a group of its own). A loop over sentences or words, never over tokens."""
+    groups, group, used = [], 0, 0
+    for count in counts:
+        if used and used + count > budget:
+            group, used = group + 1, 0
+        used += count
+        groups.append(group)
+    return groups
+
+
+def split_long_texts(texts: Sequence[str], clip: ClipBundle | str | Path, keep_prefixes: Sequence[str] = (),
+                     counts: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor]:
+    """The pieces the "chunks" mode embeds: each text that fits the window is its own piece; a longer one is cut.
+
+    A long text is split into sentences (at ``. ! ? ;`` plus white space, or a line break). Consecutive sentences
+    are packed greedily into pieces of at most the window's tokens, so a piece keeps as much context as fits; a
+    sentence that alone exceeds the window is split into runs of whole words packed the same way (only a single
+    word longer than the window, never seen in a caption, is still cut by the tokenizer). A text that starts with
+    one of ``keep_prefixes`` (then a space), e.g. CLIPScore's "A photo depicts", carries that prefix on every piece,
+    so each piece is read as the metric reads a whole caption; the pieces' budget leaves room for it.
+
+    Token counts come from one batched tokenisation of all sentences (and one of the words of too-long sentences)
+    without special tokens; CLIP's tokenizer never merges across white space, so a piece's count is the sum of its
+    parts' counts plus the special tokens.
+
+    ``counts``: the texts' token counts (`clip_token_counts`), when already known.
+
+    Returns:
+        ``(pieces, owner)``: the piece strings in text order and ``(len(pieces),)`` long, the index of each piece's
+        text.
+    """
+    clip = load_clip(clip)
+    tokenizer, window = clip.tokenizer, clip.context_length
+    if counts is None:
+        counts = torch.tensor([len(row) for row in _token_ids(tokenizer, texts)], dtype=torch.long)
+    special = len(_token_ids(tokenizer, [""])[0])  # start and end tokens (2 for CLIP)
+    prefixes = sorted({p.strip() for p in keep_prefixes if p.strip()}, key=len, reverse=True)
+    prefix_cost = dict(zip(prefixes, (len(row) for row in _token_ids(tokenizer, prefixes, special=False))))
+
+    # Sentences of every long text, tokenised in one call.
+    heads, sentences, sentence_text = {}, [], []
+    for row in torch.nonzero(counts > window).flatten().tolist():
+        text = texts[row]
+        head = next((p for p in prefixes if text.startswith(p + " ")), "")
+        parts = [part for part in _SENTENCE_BREAK.split(text[len(head):].strip()) if part]
+        heads[row] = head
+        sentences += parts
+        sentence_text += [row] * len(parts)
+    sentence_counts = [len(ids) for ids in _token_ids(tokenizer, sentences, special=False)]
+    budget = {row: window - special - prefix_cost.get(head, 0) for row, head in heads.items()}
+    if any(b < 1 for b in budget.values()):
+        raise ValueError(f"split_long_texts: a prefix of {keep_prefixes} leaves no room in CLIP's {window}-token window")
+
+    # Sentences over their budget -> words, tokenised in one call.
+    too_long = [k for k, (n, row) in enumerate(zip(sentence_counts, sentence_text)) if n > budget[row]]
+    words = {k: sentences[k].split() for k in too_long}
+    flat_words = [w for k in too_long for w in words[k]]
+    word_counts = iter([len(ids) for ids in _token_ids(tokenizer, flat_words, special=False)])
+
+    # Units (a sentence, or a run of words of a too-long sentence) of each long text, in order, with their counts.
+    units: dict[int, list[tuple[str, int]]] = {row: [] for row in heads}
+    for k, (sentence, count, row) in enumerate(zip(sentences, sentence_counts, sentence_text)):
+        if k not in words:
+            units[row].append((sentence, count))
+            continue
+        sentence_words = words[k]
+        counts_k = [next(word_counts) for _ in sentence_words]
+        runs: dict[int, list[int]] = {}
+        for index, group in enumerate(_pack(counts_k, budget[row])):
+            runs.setdefault(group, []).append(index)
+        units[row] += [(" ".join(sentence_words[i] for i in run), sum(counts_k[i] for i in run))
+                       for run in runs.values()]
+
+    pieces, owner = [], []
+    for row, text in enumerate(texts):
+        if row not in units:
+            pieces.append(text)
+            owner.append(row)
+            continue
+        grouped: dict[int, list[str]] = {}
+        for (unit, _), group in zip(units[row], _pack([n for _, n in units[row]], budget[row])):
+            grouped.setdefault(group, []).append(unit)
+        head = heads[row] + " " if heads[row] else ""
+        pieces += [head + " ".join(parts) for parts in grouped.values()]
+        owner += [row] * len(grouped)
+    return pieces, torch.tensor(owner, dtype=torch.long)
+
+
+def _embed_ids(ids: list[list[int]], clip: ClipBundle, batch_size: int, progress: bool) -> torch.Tensor:
+    """``(len(ids), D)`` unit-norm text embeddings of token-id rows (each within the window), batched in order of
+    length so that each batch pads little; CLIP's text tower is causal and pools at the end token, so right padding
+    does not change an embedding."""
+    pad_id = clip.tokenizer.pad_token_id if clip.tokenizer.pad_token_id is not None else clip.tokenizer.eos_token_id
+    order = torch.argsort(torch.tensor([len(x) for x in ids]), stable=True)
+    features = torch.empty(len(ids), clip.model.config.projection_dim)
+    with tqdm(total=len(ids), desc="CLIP texts", unit="text", disable=not progress) as bar:
+        for part in batch_slices(len(ids), batch_size):
+            index = order[part]
+            input_ids, mask = pad_right([ids[i] for i in index.tolist()], pad_id)  # (B, T)
+            out = hf_features(clip.model.get_text_features(
+                input_ids=input_ids.to(clip.device), attention_mask=mask.to(clip.device)))
+            features[index] = F.normalize(out.float(), dim=-1).cpu()
+            bar.update(len(index))
+    return features
+
+
 @torch.inference_mode()
 def encode_texts(
     texts: Sequence[str],
@@ -208,38 +391,55 @@ def encode_texts(
     batch_size: int = 256,
     progress: bool = True,
     device: str | torch.device | None = None,
-) -> torch.Tensor:
+    *,
+    long_text: str = "truncate",
+    keep_prefixes: Sequence[str] = (),
+    return_token_counts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised CLIP text embeddings of ``prefix + " " + text`` (or `text` when no prefix).
 
-    Texts are truncated to `ClipBundle.context_length` tokens and batched in order of length, so
-    each batch pads little; CLIP's text tower is causal and pools at the end token, so right
-    padding does not change an embedding. A text that occurs more than once (generated captions
-    repeat, e.g. "a man riding a wave on top of a surfboard") is encoded once.
+    A text that occurs more than once (generated captions repeat, e.g. "a man riding a wave on top of a
+    surfboard") is encoded once. Each text is tokenised once without truncation (its count, for
+    `truncated_share`); then, by ``long_text`` (`CLIP_LONG_TEXT`, module docstring):
+
+    * ``"truncate"``: a text over the window (`ClipBundle.context_length`) is cut to it;
+    * ``"chunks"``: a text over the window is embedded as the normalised mean of the unit embeddings of its
+      `split_long_texts` pieces (which repeat ``prefix``, or one of ``keep_prefixes`` a text starts with, on every
+      piece). The pieces of all texts and the texts that fit go through the text tower together, in the same
+      length-sorted batches, and one ``index_add`` sums each text's pieces. A text that fits gets exactly its
+      "truncate" embedding (the same tokens, no renormalisation; bit-identical when no text in the call is long,
+      else equal up to the float rounding of the other batch shapes the pieces bring).
 
     Returns:
-        ``(N, D)`` fp32 tensor on the CPU, rows of unit norm, in input order.
+        ``(N, D)`` fp32 tensor on the CPU, rows of unit norm, in input order; with ``return_token_counts`` also the
+        ``(N,)`` long token counts (special tokens included, before truncation) of the texts as encoded.
     """
     clip = load_clip(clip, device)
-    if len(texts) == 0:
-        return torch.empty(0, clip.model.config.projection_dim)
+    mode = check_long_text(long_text, "long_text")
     full = with_prefix(texts, prefix)
+    if len(full) == 0:
+        features = torch.empty(0, clip.model.config.projection_dim)
+        return (features, torch.empty(0, dtype=torch.long)) if return_token_counts else features
     unique = list(dict.fromkeys(full))
-    ids = clip.tokenizer(unique, truncation=True, max_length=clip.context_length)["input_ids"]
-    pad_id = clip.tokenizer.pad_token_id if clip.tokenizer.pad_token_id is not None else clip.tokenizer.eos_token_id
-    order = torch.argsort(torch.tensor([len(x) for x in ids]), stable=True)
-    features = torch.empty(len(unique), clip.model.config.projection_dim)
-    with tqdm(total=len(unique), desc="CLIP texts", unit="text", disable=not progress) as bar:
-        for part in batch_slices(len(unique), batch_size):
-            index = order[part]
-            input_ids, mask = pad_right([ids[i] for i in index.tolist()], pad_id)  # (B, T)
-            out = hf_features(clip.model.get_text_features(
-                input_ids=input_ids.to(clip.device), attention_mask=mask.to(clip.device)))
-            features[index] = F.normalize(out.float(), dim=-1).cpu()
-            bar.update(len(index))
-    if len(unique) == len(full):
-        return features
-    row = {text: k for k, text in enumerate(unique)}
-    return features[torch.tensor([row[text] for text in full])]
+    ids, counts = _window_ids(unique, clip)
+    over = counts > clip.context_length
+    if mode == "chunks" and bool(over.any()):
+        long_rows = torch.nonzero(over).flatten()
+        fit_rows = torch.nonzero(~over).flatten()
+        pieces, piece_owner = split_long_texts([unique[i] for i in long_rows.tolist()], clip,
+                                               keep_prefixes=(*keep_prefixes, prefix), counts=counts[long_rows])
+        piece_ids, _ = _window_ids(pieces, clip)
+        owner = torch.cat([fit_rows, long_rows[piece_owner]])  # (T + P,): the text row of each embedded string
+        embedded = _embed_ids([ids[i] for i in fit_rows.tolist()] + piece_ids, clip, batch_size, progress)
+        features = torch.zeros(len(unique), embedded.shape[1]).index_add_(0, owner, embedded)  # (U, D)
+        features[long_rows] = F.normalize(features[long_rows], dim=-1)
+    else:
+        features = _embed_ids(ids, clip, batch_size, progress)
+    if len(unique) < len(full):
+        row = {text: k for k, text in enumerate(unique)}
+        rows = torch.tensor([row[text] for text in full])
+        features, counts = features[rows], counts[rows]
+    return (features, counts) if return_token_counts else features
 
 
 def with_prefix(texts: Sequence[str], prefix: str = "") -> list[str]:
@@ -368,6 +568,8 @@ def self_retrieval(
     num_workers: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    *,
+    long_text: str = "truncate",
 ) -> dict[str, float]:
     """Text-to-image self-retrieval: caption i should retrieve image i from the pool.
 
@@ -376,9 +578,11 @@ def self_retrieval(
         images: the N images of those captions (paths / PIL), or their ``(N, D)`` unit-norm CLIP
             embeddings when already computed (CLIPScore needs the same ones).
         extra_pool_images: distractors added to the pool (a directory or a list of paths).
+        long_text: how a caption over CLIP's text window is read (`CLIP_LONG_TEXT`).
 
     Returns:
-        ``{"R@1": %, "R@5": %, "R@10": %, "retrieval_pool": pool size}``.
+        ``{"R@1": %, "R@5": %, "R@10": %, "retrieval_pool": pool size, "retrieval_truncated_share": % of captions
+        longer than the text window}``.
     """
     clip = load_clip(clip, device)
     image_features = _image_features(images, clip, len(captions), batch_size, num_workers, progress)
@@ -386,8 +590,10 @@ def self_retrieval(
     extra = extra_pool_paths(extra_pool_images, exclude)
     if extra:
         image_features = torch.cat([image_features, encode_images(extra, clip, batch_size, num_workers, progress)])
-    text_features = encode_texts(captions, clip, prefix="", batch_size=text_batch_size, progress=progress)
-    return retrieval_from_features(text_features, image_features, ks, device=clip.device)
+    text_features, counts = encode_texts(captions, clip, prefix="", batch_size=text_batch_size, progress=progress,
+                                         long_text=long_text, return_token_counts=True)
+    return {**retrieval_from_features(text_features, image_features, ks, device=clip.device),
+            "retrieval_truncated_share": truncated_share(captions, clip, counts=counts)}
 
 
 def retrieval_from_features(text_features: torch.Tensor, pool_features: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
@@ -456,17 +662,24 @@ def clip_score(
     num_workers: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    *,
+    long_text: str = "truncate",
 ) -> dict:
     """CLIPScore of N captions against their N images (paths / PIL, or ``(N, D)`` embeddings).
 
+    ``long_text``: how a prefixed caption over CLIP's text window is read (`CLIP_LONG_TEXT`).
+
     Returns:
-        ``{"CLIPScore": 100 * per_caption.mean(), "per_caption": (N,) tensor of w*max(cos, 0)}``.
+        ``{"CLIPScore": 100 * per_caption.mean(), "per_caption": (N,) tensor of w*max(cos, 0),
+        "clip_truncated_share": % of prefixed captions longer than the text window}``.
     """
     clip = load_clip(clip, device)
     image_features = _image_features(images, clip, len(captions), batch_size, num_workers, progress)
-    text_features = encode_texts(captions, clip, prefix=prefix, batch_size=text_batch_size, progress=progress)
+    text_features, counts = encode_texts(captions, clip, prefix=prefix, batch_size=text_batch_size,
+                                         progress=progress, long_text=long_text, return_token_counts=True)
     per_caption = clip_score_from_features(image_features, text_features, w)
-    return {"CLIPScore": 100.0 * per_caption.double().mean().item(), "per_caption": per_caption}
+    return {"CLIPScore": 100.0 * per_caption.double().mean().item(), "per_caption": per_caption,
+            "clip_truncated_share": truncated_share(captions, clip, counts=counts)}
 
 
 def ref_clip_score(
@@ -481,14 +694,18 @@ def ref_clip_score(
     num_workers: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    *,
+    long_text: str = "truncate",
 ) -> dict:
     """RefCLIPScore and CLIPScore together (the former needs the latter's per-image terms).
 
     Args:
         references: for each caption, its reference captions (at least one each).
+        long_text: how a prefixed caption or reference over CLIP's text window is read (`CLIP_LONG_TEXT`).
 
     Returns:
-        ``{"CLIPScore", "RefCLIPScore"}`` (x100) plus ``"per_caption"`` (RefCLIPScore terms) and
+        ``{"CLIPScore", "RefCLIPScore"}`` (x100), ``"clip_truncated_share"`` (% of the prefixed captions, not the
+        references, longer than the text window), plus ``"per_caption"`` (RefCLIPScore terms) and
         ``"per_caption_clip"`` (CLIPScore terms), ``(N,)`` tensors in Hessel's 0-2.5 scale.
     """
     if len(references) != len(captions):
@@ -497,10 +714,11 @@ def ref_clip_score(
     image_features = _image_features(images, clip, len(captions), batch_size, num_workers, progress)
     flat = [r for refs in references for r in refs]
     owner = torch.repeat_interleave(torch.arange(len(references)), torch.tensor([len(r) for r in references]))
-    text_features = encode_texts(list(captions) + flat, clip, prefix=prefix, batch_size=text_batch_size,
-                                 progress=progress)
+    text_features, counts = encode_texts(list(captions) + flat, clip, prefix=prefix, batch_size=text_batch_size,
+                                         progress=progress, long_text=long_text, return_token_counts=True)
     n = len(captions)
-    return ref_clip_score_summary(image_features, text_features[:n], text_features[n:], owner, w)
+    return {**ref_clip_score_summary(image_features, text_features[:n], text_features[n:], owner, w),
+            "clip_truncated_share": truncated_share(captions, clip, counts=counts[:n])}
 
 
 def ref_clip_score_summary(image_features: torch.Tensor, candidate_features: torch.Tensor,
@@ -541,9 +759,12 @@ def retrieval_clip_inputs(ctx: ScoringContext) -> tuple[list[Path], list[str]]:
 
 
 def score_retrieval_group(ctx: ScoringContext) -> dict[str, float]:
-    """Self-retrieval R@K of the scored captions; the pool is the scored images, then the distractors."""
+    """Self-retrieval R@K of the scored captions; the pool is the scored images, then the distractors. Also the
+    share of captions longer than CLIP's text window (tokenised once more here: the embeddings come from the
+    session's cache, shared with other groups)."""
     image_features = ctx.image_features(_retrieval_pool(ctx))  # (P, D), the scored images first
-    return retrieval_from_features(ctx.text_features(ctx.captions), image_features, device=ctx.device)
+    return {**retrieval_from_features(ctx.text_features(ctx.captions), image_features, device=ctx.device),
+            "retrieval_truncated_share": truncated_share(ctx.captions, ctx.clip)}
 
 
 def prepare_clipscore_group(ctx: PreparationContext) -> None:
@@ -560,14 +781,16 @@ def clipscore_clip_inputs(ctx: ScoringContext) -> tuple[list[Path], list[str]]:
 
 
 def score_clipscore_group(ctx: ScoringContext) -> dict[str, float]:
-    """CLIPScore and RefCLIPScore of the scored captions (prefixed, as their references)."""
+    """CLIPScore and RefCLIPScore of the scored captions (prefixed, as their references), and the share of prefixed
+    captions longer than CLIP's text window."""
     references = ctx.scored_references
     paths, texts = clipscore_clip_inputs(ctx)
     features = ctx.text_features(texts)  # (N + R, D): the N candidates, then the R references
     owner = torch.repeat_interleave(torch.arange(len(references)), torch.tensor([len(r) for r in references]))
     scores = ref_clip_score_summary(ctx.image_features(paths), features[:len(ctx.captions)],
                                     features[len(ctx.captions):], owner)
-    return {"CLIPScore": scores["CLIPScore"], "RefCLIPScore": scores["RefCLIPScore"]}
+    return {"CLIPScore": scores["CLIPScore"], "RefCLIPScore": scores["RefCLIPScore"],
+            "clip_truncated_share": truncated_share(texts[:len(ctx.captions)], ctx.clip)}
 
 
 def _image_features(images, clip: ClipBundle, n: int, batch_size: int, num_workers, progress: bool) -> torch.Tensor:

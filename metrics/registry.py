@@ -30,12 +30,13 @@ from typing import Any
 
 from ._common import MetricInputError
 from .chair import CHAIR_CORRECTED_KEYS, CHAIR_KEYS, score_chair_corrected_group, score_chair_group
-from .clip_metrics import RETRIEVAL_KEYS, clipscore_clip_inputs, prepare_clipscore_group, prepare_retrieval_group, \
+from .clip_metrics import CLIPSCORE_KEYS, RETRIEVAL_KEYS, clipscore_clip_inputs, prepare_clipscore_group, prepare_retrieval_group, \
     retrieval_clip_inputs, score_clipscore_group, score_retrieval_group
 from .coco import COCO_KEYS, prepare_coco_group, score_coco_group
 from .finecapeval import FINECAP_KEYS, score_finecapeval_group
 from .perplexity import score_ppl_group
-from .text_stats import LEX_DIV_KEYS, score_diversity_group, score_length_group
+from .text_stats import LEX_DIV_KEYS, REPETITION_KEYS, score_diversity_group, score_length_group, \
+    score_repetition_group
 from .toy_grounding import TOY_ATTRIBUTES, TOY_GROUNDING_KEYS, score_toy_grounding_group
 
 # What a group can need; `metrics.suite.MetricSession` provides each one and checks it before any group runs, and
@@ -166,16 +167,22 @@ _GROUPS = (
                                                   zip(LEX_DIV_KEYS, ("{:.0f}", "{:.1f}", "{:.1f}", "{:.3f}"))}),
         score_diversity_group, default=True, summary="vocabulary size, distinct-1/2 (%), type-token ratio"),
     MetricGroup(
-        "retrieval", _keys(RETRIEVAL_KEYS, {"retrieval_pool": None},
+        "repetition", _keys(REPETITION_KEYS, {key: LOWER for key in REPETITION_KEYS},
+                            {"repeated_4gram_share": Column("Rep. 4-gram", 12)}),
+        score_repetition_group,
+        summary="% of captions repeating a word 3-gram / 4-gram (degenerate loops of long captions)"),
+    MetricGroup(
+        "retrieval", _keys(RETRIEVAL_KEYS, {"retrieval_pool": None, "retrieval_truncated_share": None},
                            {"R@1": _paper("R@1", 2), "R@5": _paper("R@5", 3)}),
         score_retrieval_group, frozenset({"images", "clip"}), default=True, prepare=prepare_retrieval_group,
         clip_inputs=retrieval_clip_inputs,
-        summary="CLIP self-retrieval R@1/5/10 (%) of each caption's image among the scored images"),
+        summary="CLIP self-retrieval R@1/5/10 (%) of each caption's image among the scored images, and the % of "
+                "captions longer than CLIP's text window"),
     MetricGroup(
-        "clipscore", _keys(["CLIPScore", "RefCLIPScore"], columns={"CLIPScore": _paper("CLIPScore", 4)}),
+        "clipscore", _keys(CLIPSCORE_KEYS, {"clip_truncated_share": None}, {"CLIPScore": _paper("CLIPScore", 4)}),
         score_clipscore_group, frozenset({"references", "images", "clip"}), default=True,
         prepare=prepare_clipscore_group, clip_inputs=clipscore_clip_inputs,
-        summary="CLIPScore and RefCLIPScore (x100)"),
+        summary="CLIPScore and RefCLIPScore (x100), and the % of prefixed captions longer than CLIP's text window"),
     MetricGroup(
         "ppl", _keys(["PPL"], {"PPL": LOWER}, {"PPL": _paper("PPL", 5)}), score_ppl_group, frozenset({"lm"}),
         default=True, summary="mean per-caption perplexity under a language model (GPT-2)"),

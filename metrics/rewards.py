@@ -17,8 +17,12 @@ difference, which is the grammar reward's "P(grammatical) of the sample minus th
 Definitions (CLIP-Caption-Reward, j-min; read for facts):
 
 * ``clip_s``: ``2.5 * max(cos(image, text), 0)`` with text ``"A photo depicts " + caption``,
-  truncated to CLIP's 77 tokens; no references. On the 0-2.5 scale (not x100): that is the scale
-  whose weight 2.0 beside CIDEr-D's 1.0 the paper tuned.
+  truncated to CLIP's text window (77 tokens for ViT-B/32; the window of the model's config, e.g. 248 for a
+  converted Long-CLIP); no references. On the 0-2.5 scale (not x100): that is the scale
+  whose weight 2.0 beside CIDEr-D's 1.0 the paper tuned. Option ``long_text: chunks`` (``{clip_s: {weight: 2.0,
+  long_text: chunks}}``) reads a caption over the window by pieces instead (`metrics.clip_metrics.encode_texts`).
+  After each call, ``RewardMixture.last_stats["clip_truncated_share"]`` is the percent of the scored captions
+  (prefixed) longer than the window, for the training log.
 * ``ref_clip_s``: Hessel's RefCLIPScore per caption, the harmonic mean of the CLIP-S term and the
   best raw cosine to a (prefixed) reference (`metrics.clip_metrics.ref_clip_score_from_features`).
   CLIP-Caption-Reward's own reward instead weights and clips that text-text cosine too
@@ -50,11 +54,13 @@ from .clip_metrics import (
     CLIPSCORE_WEIGHT,
     DEFAULT_CLIP,
     ClipBundle,
+    check_long_text,
     clip_score_from_features,
     encode_images,
     encode_texts,
     load_clip,
     ref_clip_score_from_features,
+    truncated_share,
 )
 
 GRAMMAR_HEAD_FILE = "grammar_head.safetensors"
@@ -204,32 +210,49 @@ class CiderDReward:
 
 
 class ClipSReward:
-    """``w * max(cos(image, "A photo depicts " + caption), 0)`` per caption."""
+    """``w * max(cos(image, "A photo depicts " + caption), 0)`` per caption.
 
-    def __init__(self, context: "RewardContext", w: float = CLIPSCORE_WEIGHT, prefix: str = CLIPSCORE_PREFIX):
+    ``long_text``: how a prefixed caption over CLIP's text window is read (`metrics.clip_metrics.CLIP_LONG_TEXT`;
+    "truncate", the reference's). ``last_stats`` holds ``clip_truncated_share``, the percent of the last call's
+    captions longer than the window.
+    """
+
+    def __init__(self, context: "RewardContext", w: float = CLIPSCORE_WEIGHT, prefix: str = CLIPSCORE_PREFIX,
+                 long_text: str = "truncate"):
         self.clip, self.w, self.prefix = context.clip(), float(w), prefix
+        self.long_text = check_long_text(long_text, "reward option long_text")
+        self.last_stats: dict[str, float] = {}
+
+    def _caption_features(self, captions: Sequence[str]) -> torch.Tensor:
+        """``(N, D)`` unit-norm embeddings of the prefixed captions; records their truncated share."""
+        text, counts = encode_texts(list(captions), self.clip, prefix=self.prefix, progress=False,
+                                    long_text=self.long_text, return_token_counts=True)
+        self.last_stats = {"clip_truncated_share": truncated_share(captions, self.clip, counts=counts)}
+        return text
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
-        text = encode_texts(list(batch.captions), self.clip, prefix=self.prefix, progress=False)
+        text = self._caption_features(batch.captions)
         return clip_score_from_features(batch.image_features(self.clip), text, self.w).float()
 
 
 class RefClipSReward(ClipSReward):
     """Hessel's RefCLIPScore per caption (harmonic mean of CLIP-S and the best reference cosine)."""
 
-    def __init__(self, context: "RewardContext", w: float = CLIPSCORE_WEIGHT, prefix: str = CLIPSCORE_PREFIX):
+    def __init__(self, context: "RewardContext", w: float = CLIPSCORE_WEIGHT, prefix: str = CLIPSCORE_PREFIX,
+                 long_text: str = "truncate"):
         if context.references is None:
             raise ValueError("reward ref_clip_s needs the training references (key -> list of captions)")
-        super().__init__(context, w, prefix)
+        super().__init__(context, w, prefix, long_text)
         self.references = context.references
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
-        text = encode_texts(list(batch.captions), self.clip, prefix=self.prefix, progress=False)
+        text = self._caption_features(batch.captions)
         # each distinct key's references are encoded once and shared by all its captions
         keys = batch.caption_keys()
         distinct = list(dict.fromkeys(keys))
         refs = [list(self.references[k]) for k in distinct]
-        ref_text = encode_texts([r for rs in refs for r in rs], self.clip, prefix=self.prefix, progress=False)
+        ref_text = encode_texts([r for rs in refs for r in rs], self.clip, prefix=self.prefix, progress=False,
+                                long_text=self.long_text)
         start = torch.tensor([0] + [len(rs) for rs in refs]).cumsum(0)
         slot = {k: i for i, k in enumerate(distinct)}
         rows = [torch.arange(start[slot[k]], start[slot[k] + 1]) for k in keys]
@@ -308,13 +331,15 @@ class RewardMixture:
     Accepted forms: ``cider_d`` (one reward, weight 1), ``{clip_s: 2.0, cider_d: 1.0}``, or
     ``{cider_d: {weight: 1.0, sigma: 6.0}}``. Keyword arguments are the `RewardContext` fields.
 
-    Calling it returns ``(total (N,), {name: unweighted (N,)})``, float32 on the CPU.
+    Calling it returns ``(total (N,), {name: unweighted (N,)})``, float32 on the CPU. ``last_stats`` then holds
+    the rewards' statistics of that call (``clip_truncated_share`` with a CLIP reward), for the log.
     """
 
     def __init__(self, spec: str | Mapping, **context):
         parsed = parse_reward_spec(spec)
         self.context = RewardContext(**context, use_grammar_clip=any(name == "grammar" for name, _, _ in parsed))
         self.components = [(name, weight, REWARDS[name](self.context, **options)) for name, weight, options in parsed]
+        self.last_stats: dict[str, float] = {}
 
     def __call__(
         self,
@@ -334,6 +359,9 @@ class RewardMixture:
         batch = RewardBatch(captions, image_index, images, keys)
         parts = {name: reward(batch) for name, _, reward in self.components}
         total = sum(weight * parts[name] for name, weight, _ in self.components)
+        # clip_s and ref_clip_s read the same prefixed captions: their shares agree, one entry is enough
+        self.last_stats = {key: value for _, _, reward in self.components
+                           for key, value in getattr(reward, "last_stats", {}).items()}
         return total, parts
 
     def __repr__(self) -> str:

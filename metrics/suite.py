@@ -53,7 +53,8 @@ import utils
 
 from ._common import MetricInputError, MetricInputNotFound, read_json_file, resolve_device
 from .chair import read_coco_instances
-from .clip_metrics import DEFAULT_CLIP, ClipBundle, check_image_files, encode_images, encode_texts, load_clip
+from .clip_metrics import CLIPSCORE_PREFIX, DEFAULT_CLIP, ClipBundle, check_image_files, check_long_text, \
+    encode_images, encode_texts, load_clip
 from .coco import read_coco_gt, references_by_image
 from .finecapeval import FineCapEvalData, finecapeval_gt, read_finecapeval_csv
 from .perplexity import DEFAULT_LM, LMBundle, load_language_model
@@ -96,6 +97,10 @@ class MetricOptions:
             caption-independent preparation in background threads; False runs every group in turn in the calling
             thread. Same numbers.
         meteor_processes: METEOR JVMs (`MeteorScorer`; default one per 4 usable cores, 1 to 4).
+        clip_long_text: how the CLIP groups read a text longer than CLIP's text window (`clip_metrics.CLIP_LONG_TEXT`):
+            "truncate" (default; the paper's numbers) cuts it to the window, "chunks" embeds it as the normalised
+            mean of its pieces' embeddings (`clip_metrics.split_long_texts`). Either way the groups report the share
+            of captions longer than the window.
     """
 
     images_root: str | Path | None = None
@@ -114,6 +119,10 @@ class MetricOptions:
     skip_missing_instances: bool = False
     overlap: bool = True
     meteor_processes: int | None = None
+    clip_long_text: str = "truncate"
+
+    def __post_init__(self):
+        check_long_text(self.clip_long_text, "clip_long_text (MetricOptions, eval.clip_long_text)")
 
 
 def metric_options(options: MetricOptions | None = None, **changes) -> MetricOptions:
@@ -471,8 +480,10 @@ class MetricSession:
             self._lane_states("clip")
         def encode(todo):  # timed (and logged) only when some text is not cached yet
             with self._timed("clip_texts"):
+                # CLIPScore's prefixed texts keep their prefix on every piece under clip_long_text: chunks
                 return encode_texts(todo, self.clip, prefix="", batch_size=self.options.text_batch_size,
-                                    progress=progress)
+                                    progress=progress, long_text=self.options.clip_long_text,
+                                    keep_prefixes=(CLIPSCORE_PREFIX,))
 
         self._texts.add_missing(texts, encode)
         return self._texts.get(texts)

@@ -20,6 +20,13 @@ Bigrams never cross a caption boundary. The paper's values (4.5 for SMILE at 22.
 caption, 3.6 for MLE+SMILE at 19.8, on 5,000 images, so ~100k words) are of the size distinct_1
 gives there (a vocabulary of a few thousand words); that is a guess, not a confirmed definition,
 and it is why the markdown table's "Lex. Div." column defaults to ``distinct_1`` and names it.
+
+Repetition (the "repetition" group, beside diversity): ``repeated_3gram_share`` and ``repeated_4gram_share`` are the
+percent of captions in which some word n-gram (n = 3, 4; the same words as above, within one caption) occurs more
+than once. Degenerate loops ("a man on a surfboard on a surfboard on a surfboard") are a known failure of long
+generated captions, and pooled diversity hides them: one looping caption among thousands barely moves distinct-n.
+Both sizes are reported because they answer different questions: a repeated 4-gram is almost always a loop, while
+a repeated 3-gram also catches shorter stutters but has natural hits in long descriptions ("on the left" twice).
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ if TYPE_CHECKING:
     from .suite import ScoringContext
 
 LEX_DIV_KEYS = ("vocab_size", "distinct_1", "distinct_2", "ttr")  # `lexical_diversity`'s keys, in its order
+REPETITION_NGRAMS = (3, 4)
+REPETITION_KEYS = tuple(f"repeated_{n}gram_share" for n in REPETITION_NGRAMS)  # `repetition`'s keys
 
 # BLIP's pre_caption replaces exactly these characters with a space.
 _BLIP_PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
@@ -96,6 +105,28 @@ def lexical_diversity(captions: Sequence[str]) -> dict[str, float]:
     }
 
 
+def has_repeated_ngram(words: Sequence[str], n: int) -> bool:
+    """Whether some n-gram of ``words`` occurs more than once (False for fewer than n + 1 words)."""
+    if n < 1:
+        raise ValueError(f"n-gram size must be at least 1, got {n}")
+    ngrams = list(zip(*(words[k:] for k in range(n))))
+    return len(set(ngrams)) < len(ngrams)
+
+
+def repeated_ngram_share(captions: Sequence[str], n: int) -> float:
+    """Percent of captions with a repeated word n-gram (module docstring); an empty caption has none."""
+    _require_captions(captions)
+    return 100.0 * sum(has_repeated_ngram(caption_words(c), n) for c in captions) / len(captions)
+
+
+def repetition(captions: Sequence[str]) -> dict[str, float]:
+    """``{"repeated_3gram_share": %, "repeated_4gram_share": %}`` (`REPETITION_KEYS`) over a caption set."""
+    _require_captions(captions)
+    tokenised = [caption_words(c) for c in captions]
+    return {key: 100.0 * sum(has_repeated_ngram(words, n) for words in tokenised) / len(tokenised)
+            for key, n in zip(REPETITION_KEYS, REPETITION_NGRAMS)}
+
+
 def score_length_group(ctx: ScoringContext) -> dict[str, float]:
     """The "length" metric group (metrics/registry.py)."""
     return {"cap_len": caption_length(ctx.captions)}
@@ -104,6 +135,11 @@ def score_length_group(ctx: ScoringContext) -> dict[str, float]:
 def score_diversity_group(ctx: ScoringContext) -> dict[str, float]:
     """The "diversity" metric group (metrics/registry.py)."""
     return lexical_diversity(ctx.captions)
+
+
+def score_repetition_group(ctx: ScoringContext) -> dict[str, float]:
+    """The "repetition" metric group (metrics/registry.py)."""
+    return repetition(ctx.captions)
 
 
 def _require_captions(captions: Sequence[str]) -> None:

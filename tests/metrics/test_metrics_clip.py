@@ -245,7 +245,9 @@ def naive_recall(text_feats, image_feats, ks=(1, 5, 10)):
 def test_self_retrieval_equals_naive(clip, captions, image_paths, tmp_path):
     texts, images = naive_text_features(clip, captions), naive_image_features(clip, image_paths)
     got = self_retrieval(captions, image_paths, clip, ks=(1, 2, 5), batch_size=5, num_workers=0, progress=False)
-    assert got == pytest.approx({**naive_recall(texts, images, (1, 2, 5)), "retrieval_pool": 12})
+    cut = 100 / 12  # LONG, one caption of 12, is over the 77-token window
+    assert got == pytest.approx({**naive_recall(texts, images, (1, 2, 5)), "retrieval_pool": 12,
+                                 "retrieval_truncated_share": cut})
 
     # distractors: a folder of extra images, one of them an evaluated image (not added twice)
     extra_dir = tmp_path / "extra"
@@ -256,7 +258,7 @@ def test_self_retrieval_equals_naive(clip, captions, image_paths, tmp_path):
     pool = torch.cat([pool, naive_image_features(clip, [extra_dir / n for n in names])])
     got = self_retrieval(captions, image_paths, clip, extra_pool_images=extra_dir, num_workers=0, progress=False)
     assert got["retrieval_pool"] == 32
-    assert got == pytest.approx({**naive_recall(texts, pool), "retrieval_pool": 32})
+    assert got == pytest.approx({**naive_recall(texts, pool), "retrieval_pool": 32, "retrieval_truncated_share": cut})
     with pytest.raises(NotADirectoryError, match="nowhere"):
         self_retrieval(captions, image_paths, clip, extra_pool_images=tmp_path / "nowhere", progress=False)
 
@@ -271,3 +273,153 @@ def test_extra_pool_paths_lists_and_dedupes(image_paths, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no .jpg"):
         extra_pool_paths(empty)
+
+
+# ---- long captions: the share cut at the text window, longer windows, reading by pieces ------------
+SENTENCE = "a large white dog sitting next to a small black cat on the green grass."
+
+
+@pytest.fixture(scope="module")
+def long_clip_dir(tiny_clip_dir, tmp_path_factory):
+    """The tiny CLIP with a 100-position text window (as Long-CLIP's 248 beside OpenAI's 77), random weights, and
+    the tiny CLIP's tokenizer files, whose model_max_length stays 77: the window must come from the model."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = tmp_path_factory.mktemp("long_clip")
+    for name in tiny_clip_dir.iterdir():
+        if name.is_file() and not name.name.endswith((".safetensors", ".bin")) and name.name != "config.json":
+            shutil.copy(name, folder / name.name)
+    config = CLIPConfig.from_pretrained(tiny_clip_dir)
+    config.text_config.max_position_embeddings = 100
+    torch.manual_seed(1)
+    CLIPModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def dogs(count):
+    """A caption of ``count`` tokens ("dog" is one token of the tiny tokenizer), count + 2 with start and end."""
+    return " ".join(["dog"] * count)
+
+
+@torch.no_grad()
+def embed_whole(clip, text):
+    """One text's unit embedding from all its tokens, no truncation (the test checks that it fits)."""
+    ids = clip.tokenizer(text)["input_ids"]
+    assert len(ids) <= clip.context_length
+    out = clip.model.get_text_features(input_ids=torch.tensor([ids]))
+    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return F.normalize(out[0], dim=-1)
+
+
+def test_truncated_share_counts_captions_over_the_window(clip, image_paths):
+    from metrics.clip_metrics import clip_token_counts, truncated_share
+
+    assert clip.context_length == 77 and len(clip.tokenizer(dogs(75))["input_ids"]) == 77
+    captions = [dogs(75), dogs(76), "a cat", LONG]  # fits exactly, one over, short, far over
+    assert clip_token_counts(captions, clip).tolist() == [77, 78, 4, len(clip.tokenizer(LONG)["input_ids"])]
+    assert truncated_share(captions, clip) == 50.0
+    prefix_tokens = len(clip.tokenizer("A photo depicts", add_special_tokens=False)["input_ids"])
+    assert truncated_share(captions, clip, prefix="A photo depicts") == 75.0 and prefix_tokens > 0
+    retrieval = self_retrieval(captions, image_paths[:4], clip, num_workers=0, progress=False)
+    assert retrieval["retrieval_truncated_share"] == 50.0  # retrieval reads the bare captions
+    scores = ref_clip_score(captions, [["a dog"]] * 4, image_paths[:4], clip, num_workers=0, progress=False)
+    assert scores["clip_truncated_share"] == 75.0  # CLIPScore reads "A photo depicts " + caption
+    assert clip_score(captions, image_paths[:4], clip, num_workers=0, progress=False)["clip_truncated_share"] == 75.0
+    assert truncated_share([], clip) == 0.0
+
+
+def test_a_clip_with_a_longer_window_reads_it_whole(clip, long_clip_dir):
+    from metrics.clip_metrics import truncated_share
+
+    long_clip = load_clip(long_clip_dir, device="cpu")
+    assert long_clip.context_length == 100 and long_clip.tokenizer.model_max_length == 77
+    caption = dogs(90)  # 92 tokens: over 77, within 100
+    got = encode_texts([caption, "a cat"], long_clip, progress=False)
+    torch.testing.assert_close(got[0], embed_whole(long_clip, caption), atol=1e-5, rtol=1e-5)
+    assert truncated_share([caption], long_clip) == 0.0 and truncated_share([caption], clip) == 100.0
+    beyond = dogs(120)  # cut at the model's 100 positions, not at the tokenizer's 77
+    cut = encode_texts([beyond], long_clip, progress=False)[0]
+    torch.testing.assert_close(cut, embed_whole(long_clip, dogs(98)), atol=1e-5, rtol=1e-5)
+
+
+def test_split_long_texts_packs_sentences_and_splits_long_sentences_into_words(clip):
+    from metrics.clip_metrics import split_long_texts
+
+    per_sentence = len(clip.tokenizer(SENTENCE, add_special_tokens=False)["input_ids"])
+    fit = (77 - 2) // per_sentence  # whole sentences per piece
+    long_text = " ".join([SENTENCE] * (2 * fit + 1))
+    words = " ".join(["dog"] * 100)  # one 100-token "sentence": word runs of 75 and 25
+    pieces, owner = split_long_texts(["a cat", long_text, words], clip)
+    block = " ".join([SENTENCE] * fit)
+    assert pieces == ["a cat", block, block, SENTENCE, dogs(75), dogs(25)]
+    assert owner.tolist() == [0, 1, 1, 1, 2, 2]
+    prefix = "A photo depicts"
+    budget = 77 - 2 - len(clip.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    pieces, owner = split_long_texts([f"{prefix} {words}"], clip, keep_prefixes=[prefix])
+    assert pieces == [f"{prefix} {dogs(budget)}", f"{prefix} {dogs(100 - budget)}"]
+    assert all(len(clip.tokenizer(p)["input_ids"]) <= 77 for p in pieces)
+
+
+def test_chunked_scores_equal_a_hand_computation(clip, image_paths):
+    """clip_score with long_text="chunks" against each piece embedded alone and the pieces' mean taken by hand."""
+    prefix = "A photo depicts"
+    per_sentence = len(clip.tokenizer(SENTENCE, add_special_tokens=False)["input_ids"])
+    budget = 77 - 2 - len(clip.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    fit = budget // per_sentence
+    long_caption = " ".join([SENTENCE] * (fit + 2))
+    captions = ["a dog on the grass", long_caption, dogs(120)]
+    got = clip_score(captions, image_paths[:3], clip, num_workers=0, progress=False, long_text="chunks")
+
+    hand_pieces = [["a dog on the grass"],
+                   [" ".join([SENTENCE] * fit), " ".join([SENTENCE] * 2)],
+                   [dogs(budget), dogs(120 - budget)]]
+    images = naive_image_features(clip, image_paths[:3])
+    for k, pieces in enumerate(hand_pieces):
+        embedded = torch.stack([embed_whole(clip, f"{prefix} {piece}") for piece in pieces])  # (pieces, D)
+        text = embedded.mean(dim=0)
+        text = text / text.norm()
+        want = 2.5 * max(cos(images[k], text), 0.0)
+        assert float(got["per_caption"][k]) == pytest.approx(want, abs=1e-5)
+    assert got["clip_truncated_share"] == pytest.approx(200 / 3)  # both long captions are over the window
+    truncated = clip_score(captions, image_paths[:3], clip, num_workers=0, progress=False)
+    # a caption that fits: the same tokens, equal up to the rounding of other batch shapes (the pieces pad longer)
+    assert float(truncated["per_caption"][0]) == pytest.approx(float(got["per_caption"][0]), abs=1e-6)
+
+
+def test_chunks_leave_texts_that_fit_exactly_as_they_were(clip, captions):
+    short = [c for c in captions if len(clip.tokenizer(c)["input_ids"]) <= 77]
+    assert torch.equal(encode_texts(short, clip, batch_size=4, progress=False, long_text="chunks"),
+                       encode_texts(short, clip, batch_size=4, progress=False))
+    mixed = encode_texts(captions, clip, batch_size=4, progress=False, long_text="chunks")
+    assert torch.allclose(mixed.norm(dim=-1), torch.ones(len(captions)))
+    with pytest.raises(ValueError, match=r"long_text must be one of \['truncate', 'chunks'\], got 'split'"):
+        encode_texts(captions, clip, progress=False, long_text="split")
+
+
+def test_metric_session_reads_long_captions_by_the_option(tiny_clip_dir, image_dir):
+    """compute_metrics' retrieval and clipscore groups with clip_long_text="chunks" equal the functions above, and
+    report the shares cut; MetricOptions refuses an unknown mode, naming the option."""
+    from metrics.suite import MetricOptions, compute_metrics
+
+    folder, names = image_dir
+    long_caption = " ".join([SENTENCE] * 8)
+    captions = ["a dog on the grass", long_caption, "a red bus", dogs(75)]  # dogs(75) fits only bare
+    gt = {"images": [{"id": k, "file_name": n} for k, n in enumerate(names[:4])],
+          "annotations": [{"id": k, "image_id": k, "caption": "a dog and a cat"} for k in range(4)]}
+    results = [{"image_id": k, "caption": c} for k, c in enumerate(captions)]
+    paths = [folder / n for n in names[:4]]
+    for mode in ("truncate", "chunks"):
+        scores = compute_metrics(results, gt, ["retrieval", "clipscore"], images_root=folder, clip_model=tiny_clip_dir,
+                                 device="cpu", num_workers=0, progress=False, overlap=False, clip_long_text=mode)
+        assert scores["retrieval_truncated_share"] == 25.0 and scores["clip_truncated_share"] == 50.0
+        want = ref_clip_score(captions, [["a dog and a cat"]] * 4, paths, tiny_clip_dir, num_workers=0,
+                              progress=False, device="cpu", long_text=mode)
+        assert scores["CLIPScore"] == pytest.approx(want["CLIPScore"], abs=1e-4)
+        assert scores["RefCLIPScore"] == pytest.approx(want["RefCLIPScore"], abs=1e-4)
+        retrieval = self_retrieval(captions, paths, tiny_clip_dir, num_workers=0, progress=False, device="cpu",
+                                   long_text=mode)
+        assert {k: scores[k] for k in retrieval} == pytest.approx(retrieval, abs=1e-9)
+    with pytest.raises(ValueError, match=r"clip_long_text \(MetricOptions, eval.clip_long_text\) must be one of"):
+        MetricOptions(clip_long_text="sentences")

@@ -89,3 +89,27 @@ def test_lexical_diversity_degenerate_sets():
     got = lexical_diversity(["dog", ""])
     assert got == {"vocab_size": 1, "distinct_1": 100.0, "distinct_2": 0.0, "ttr": 0.5}
     assert lexical_diversity([""]) == {"vocab_size": 0, "distinct_1": 0.0, "distinct_2": 0.0, "ttr": 0.0}
+
+
+def test_repetition_hand_cases():
+    from metrics.text_stats import REPETITION_KEYS, has_repeated_ngram, repeated_ngram_share, repetition
+
+    captions = [
+        "a man on a surfboard on a surfboard on a surfboard.",  # loop: "on a surfboard" x3 -> 3- and 4-grams repeat
+        "A dog on the left and a cat on the left.",  # "on the left" twice: a 3-gram, no 4-gram
+        "a red bus parked in the street",  # no repeat
+        "",  # empty: no n-grams
+    ]
+    assert has_repeated_ngram("on a surfboard on a surfboard".split(), 3)
+    assert not has_repeated_ngram("a b c a b".split(), 3) and has_repeated_ngram("a b c a b".split(), 2)
+    assert repeated_ngram_share(captions, 3) == 50.0
+    assert repeated_ngram_share(captions, 4) == 25.0
+    assert repetition(captions) == {"repeated_3gram_share": 50.0, "repeated_4gram_share": 25.0}
+    assert tuple(repetition(captions)) == REPETITION_KEYS
+    # words are the BLIP-normalised ones the diversity statistics count: case and punctuation do not hide a loop
+    assert repetition(["The dog. the dog; THE DOG"]) == {"repeated_3gram_share": 100.0, "repeated_4gram_share": 100.0}
+    assert repetition(["the dog and the cat"]) == {"repeated_3gram_share": 0.0, "repeated_4gram_share": 0.0}
+    with pytest.raises(ValueError, match="empty"):
+        repetition([])
+    with pytest.raises(ValueError, match="at least 1"):
+        has_repeated_ngram(["a"], 0)

@@ -83,3 +83,25 @@ def test_bad_specs_fail_with_the_valid_choices():
         RewardMixture("grammar")
     with pytest.raises(ValueError, match=r"image_index values must lie in \[0, 3\)"):
         RewardMixture("cider_d", references=REFS)(["a"], [5], keys=[1, 2, 3])
+
+
+def test_clip_s_reads_long_captions_by_the_option_and_reports_the_share_cut(tiny_clip_dir, image_dir):
+    folder, names = image_dir
+    images = [folder / n for n in names[:2]]
+    long_caption = " ".join(["a large white dog sitting next to a small black cat on the green grass."] * 8)
+    captions, index = ["a dog on the grass", long_caption, "a white cat", long_caption], [0, 0, 1, 1]
+    clip = load_clip(tiny_clip_dir, "cpu")
+    per_image = [images[i] for i in index]
+    for mode in ("truncate", "chunks"):
+        spec = {"clip_s": {"weight": 1.0, "long_text": mode}, "ref_clip_s": {"weight": 1.0, "long_text": mode}}
+        mixture = RewardMixture(spec, references=REFS, clip_model=tiny_clip_dir, device="cpu")
+        _, parts = mixture(captions, index, images=images, keys=[1, 2])
+        want = clip_score(captions, per_image, clip, progress=False, long_text=mode)
+        torch.testing.assert_close(parts["clip_s"], want["per_caption"].float(), atol=1e-5, rtol=1e-5)
+        ref = ref_clip_score(captions, [REFS[[1, 2][i]] for i in index], per_image, clip, progress=False,
+                             long_text=mode)
+        torch.testing.assert_close(parts["ref_clip_s"], ref["per_caption"].float(), atol=1e-5, rtol=1e-5)
+        assert mixture.last_stats == {"clip_truncated_share": 50.0} == {"clip_truncated_share":
+                                                                        want["clip_truncated_share"]}
+    with pytest.raises(ValueError, match="reward option long_text must be one of"):
+        RewardMixture({"clip_s": {"weight": 1.0, "long_text": "all"}}, clip_model=tiny_clip_dir, device="cpu")
