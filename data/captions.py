@@ -2,12 +2,15 @@
 
 BLIP normalises every training caption with `pre_caption` before tokenising, and names each
 evaluation image by the integer at the end of its file name (the COCO / Flickr30K image id).
-Both live here so that datasets, the toy generator and the metrics agree on them.
+Both live here so that datasets, the toy generator and the metrics agree on them. An annotation
+entry may instead carry its id as an integer ``id`` (`entry_image_id`): the files that
+``scripts/prepare_data.py custom`` writes for a user's own images, whose names need not end in digits.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 # BLIP's character class: these become spaces. Commas, apostrophes, hyphens, slashes and
@@ -68,3 +71,27 @@ def image_id_from_path(path: str | Path) -> int:
             f"digits before the extension (e.g. COCO_val2014_000000184613.jpg)"
         )
     return int(match.group(1))
+
+
+def entry_image_id(entry: Mapping) -> int:
+    """The image id of one annotation entry: its JSON integer ``id`` when it has one, else the integer at the end
+    of its ``image`` file name (`image_id_from_path`, unchanged).
+
+    ``id`` is this repository's extension of BLIP's format: ``scripts/prepare_data.py custom`` numbers a user's
+    images 1..N so that their file names (or keys such as ``"cat photo"``) need not end in digits, the failure of
+    LAVIS #598. BLIP's own ``image_id`` stays ignored: its train files hold strings such as ``"coco_391895"``, and
+    its val/test files none, so reading it would break parity with the ids BLIP evaluates with.
+
+    Raises:
+        ValueError: ``id`` is present but not an integer (a bool is not one), or there is no ``id`` and the file
+            name does not end in digits; the message starts with the key at fault.
+    """
+    if "id" in entry:
+        value = entry["id"]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"key 'id' must be a JSON integer (the image id), got {value!r}")
+        return value
+    try:
+        return image_id_from_path(entry["image"])
+    except ValueError as error:
+        raise ValueError(f"key 'image': {error}; or give the entry an integer 'id'") from None

@@ -7,8 +7,10 @@ Annotation formats (docs/data.md, "Annotation files and image folders"):
   expanded to one sample per caption (the toy and some converted sets use it).
 - val/test: one entry per image, ``{"image": relative path, "caption": [5 strings]}``.
 
-Image ids are always the integer at the end of the image file name (`image_id_from_path`), the
-id BLIP evaluates with, so train, eval and ground truth agree without trusting ``image_id``.
+Image ids are the integer at the end of the image file name (`image_id_from_path`), the id BLIP
+evaluates with, so train, eval and ground truth agree without trusting BLIP's ``image_id``. An entry
+may carry its id as a JSON integer ``id`` instead (`entry_image_id`; the files ``scripts/prepare_data.py
+custom`` writes for a user's own images, keyed by any string, which they keep in ``key``).
 Images are opened lazily in `__getitem__`, so constructing a dataset checks every annotation but
 touches no image file.
 """
@@ -27,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.captions import image_id_from_path, pre_caption
+from data.captions import entry_image_id, pre_caption
 from imaging import open_rgb
 
 REQUIRED_KEYS = ("image", "caption")
@@ -66,7 +68,8 @@ def load_annotations(path: str | Path) -> list[dict]:
     """Read and validate a BLIP annotation file: a JSON list of dicts.
 
     Every entry must have a non-empty string ``image`` and a ``caption`` that is a string or a
-    non-empty list of strings. Other keys (``image_id``, ...) are kept untouched.
+    non-empty list of strings, and an ``id``, where it has one, must be an integer (the image id).
+    Other keys (BLIP's ``image_id``, a custom set's ``key``, ...) are kept untouched.
 
     Raises:
         FileNotFoundError: the file does not exist (message names it).
@@ -111,6 +114,9 @@ def _check_entry(path: Path, index: int, entry: object) -> None:
         raise AnnotationError(
             f"{path}: entry {index} key 'caption' must be a string or a non-empty list of strings, got {caption!r}"
         )
+    if "id" in entry and (isinstance(entry["id"], bool) or not isinstance(entry["id"], int)):
+        raise AnnotationError(f"{path}: entry {index} key 'id' must be a JSON integer (the image id), "
+                              f"got {entry['id']!r}")
 
 
 def _captions_of(entry: dict) -> list[str]:
@@ -119,10 +125,11 @@ def _captions_of(entry: dict) -> list[str]:
 
 
 def _image_id_of(path: Path, index: int, entry: dict) -> int:
+    """The entry's integer ``id``, else the trailing integer of its image's file name (`entry_image_id`)."""
     try:
-        return image_id_from_path(entry["image"])
+        return entry_image_id(entry)
     except ValueError as error:
-        raise AnnotationError(f"{path}: entry {index} key 'image': {error}") from error
+        raise AnnotationError(f"{path}: entry {index} {error}") from error
 
 
 def _normalised_caption(path: Path, index: int, raw: str, max_words: int | None) -> str:
@@ -147,8 +154,9 @@ def read_eval_entries(annotation_file: str | Path) -> list[EvalEntry]:
     """Parse a one-entry-per-image val/test file, rejecting empty captions and repeated images.
 
     Raises:
-        AnnotationError: naming the file and entry index for an empty caption, an image path
-            with no trailing integer, or two entries that resolve to the same image id.
+        AnnotationError: naming the file and entry index for an empty caption, an entry with
+            neither an integer ``id`` nor an image path ending in an integer, or two entries that
+            resolve to the same image id.
     """
     path = Path(annotation_file)
     entries: list[EvalEntry] = []
@@ -313,8 +321,9 @@ def build_coco_gt(annotation_file: str | Path) -> dict:
     """COCO caption ground truth (the dict pycocotools' `COCO` loads) from a val/test file.
 
     BLIP publishes COCO-format GT for COCO only; Flickr30K (and the toy set) need it built from
-    the Karpathy-style file. Image ids come from file names; annotation ids are 1, 2, ... in file
-    order. Captions are raw, not `pre_caption`-ed, because pycocoevalcap tokenises them itself.
+    the Karpathy-style file. Image ids come from each entry's ``id``, else its file name; annotation
+    ids are 1, 2, ... in file order. Captions are raw, not `pre_caption`-ed, because pycocoevalcap
+    tokenises them itself.
 
     Returns:
         ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption", "id"}],

@@ -5,6 +5,13 @@
     python scripts/prepare_data.py flickr30k --root datasets/flickr30k --image-root /data/flickr30k
     python scripts/prepare_data.py coco --root datasets/coco --check-only      # write nothing, only check
     python scripts/prepare_data.py finecapeval --root datasets/finecapeval     # FineCapEval: see prepare_finecapeval
+    python scripts/prepare_data.py custom --input my_photos --out datasets/my_photos [--val N --test N --seed S]
+
+``custom`` turns your own captioned images (a folder with sidecar .txt captions, a CSV or JSONL, or a Hugging Face
+imagefolder metadata.jsonl) into train/val/test annotation files with a deterministic split, the val/test
+ground truth, keys.json (image id -> your key) and the manifest custom.json; train on it with
+``--opt data.custom_root=DIR``. The readers, the split and the writing are data/custom.py's; docs/data.md, "Your
+own captioned images", has the whole path.
 
 Steps:
 1. Annotations: copy them from ``--annotations-from DIR``, or download the ones ROOT/annotations lacks from
@@ -22,7 +29,8 @@ Steps:
 5. COCO: says where CHAIR's instance annotations go (ROOT/annotations/instances_val2014.json, from COCO's
    annotations_trainval2014.zip; not downloaded) and whether they are there.
 
-Exit status: 0 when everything is in place, 1 for missing images or inconsistent files, 2 for usage errors.
+Exit status: 0 when everything is in place, 1 for missing images or inconsistent files (custom: bad data, named
+by file, line and key), 2 for usage errors.
 """
 from __future__ import annotations
 
@@ -38,9 +46,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from data import AnnotationError, build_coco_gt, image_id_from_path, load_annotations  # noqa: E402
+from data import AnnotationError, build_coco_gt, entry_image_id, image_id_from_path, load_annotations  # noqa: E402
 import utils  # noqa: E402
 
 BASE_URL = "https://storage.googleapis.com/sfr-vision-language-research/datasets/"
@@ -98,7 +107,8 @@ def read_split(path: Path, split: Split) -> list[dict]:
     """The annotation entries of ``path``, validated by `data.load_annotations` plus the split's own shape.
 
     train files hold one entry per caption (a string); val/test files one entry per image with a list of
-    references. Every image path must end in an integer id (BLIP's evaluation id).
+    references. Every entry needs an integer image id: its ``id``, else the integer its image path ends in (BLIP's
+    evaluation id; `data.entry_image_id`).
     """
     try:
         entries = load_annotations(path)
@@ -112,9 +122,9 @@ def read_split(path: Path, split: Split) -> list[dict]:
             raise PrepareError(f"{path}: entry {index} key 'caption' must be a list of reference captions in a "
                                f"{split.name} file (one entry per image), got {caption!r}")
         try:
-            image_id_from_path(entry["image"])
+            entry_image_id(entry)
         except ValueError as error:
-            raise PrepareError(f"{path}: entry {index} key 'image': {error}") from None
+            raise PrepareError(f"{path}: entry {index} {error}") from None
     return entries
 
 
@@ -236,7 +246,7 @@ def fetch_annotations(spec: DatasetSpec, ann_dir: Path, source_dir: Path | None,
 
 
 def _ids_and_files(entries: list[dict]) -> dict[int, str]:
-    return {image_id_from_path(entry["image"]): entry["image"] for entry in entries}
+    return {entry_image_id(entry): entry["image"] for entry in entries}
 
 
 def gt_with_files(blip_gt: dict, entries: list[dict], gt_path: Path, split_path: Path) -> dict:
@@ -421,10 +431,103 @@ def report_coco_instances(ann_dir: Path) -> bool:
     return present
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Your own captioned images (data/custom.py does the work)
+# ----------------------------------------------------------------------------------------------------------------
+CUSTOM = "custom"
+
+
+def parse_custom_args(argv: list[str]) -> argparse.Namespace:
+    from data.custom import DEFAULT_FRACTION, LAYOUTS, parse_size
+
+    def size(text: str):
+        try:
+            return parse_size(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parser = argparse.ArgumentParser(
+        prog="prepare_data.py custom", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Turn your own captioned images into annotation files with a deterministic train/val/test split "
+                    "(data/custom.py). Images are not copied: the files name them relative to their common folder, "
+                    "recorded in DIR/custom.json.")
+    parser.add_argument("--input", type=Path, required=True, metavar="SRC",
+                        help="a folder of images with sidecar .txt captions (photo.jpg + photo.txt, one caption a "
+                             "line, subfolders allowed), a CSV/TSV/JSONL/JSON table, or a Hugging Face imagefolder "
+                             "(a folder with metadata.jsonl, or that file)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="where train.json, val.json, test.json, val_gt.json, test_gt.json, keys.json and "
+                             "custom.json go")
+    parser.add_argument("--val", type=size, default=DEFAULT_FRACTION, metavar="N",
+                        help=f"validation images: a count, or a fraction of the images (default {DEFAULT_FRACTION}; "
+                             "a fraction gives at least one)")
+    parser.add_argument("--test", type=size, default=DEFAULT_FRACTION, metavar="N",
+                        help=f"test images: a count or a fraction (default {DEFAULT_FRACTION}); 0: no test split")
+    parser.add_argument("--seed", type=int, default=0, help="the split's seed (default 0)")
+    parser.add_argument("--layout", choices=LAYOUTS, help="override the layout detected from SRC")
+    parser.add_argument("--image-column", help="tables: the image path column (default: the first of image, "
+                                               "file_name, filename, image_path, path, file)")
+    parser.add_argument("--caption-column", help="tables: the caption column (default: the first of caption, text, "
+                                                 "captions, description); a JSONL cell may hold a list")
+    parser.add_argument("--key-column", help="tables: a column of keys (any string) naming the images; default: "
+                                             "each image's path without its extension")
+    parser.add_argument("--image-root", type=Path, help="tables: the folder relative image paths start from "
+                                                        "(default: the table's folder)")
+    parser.add_argument("--show", type=int, default=5, help="how many skipped images without a caption to list")
+    args = parser.parse_args(argv)
+    args.dataset = CUSTOM
+    return args
+
+
+def prepare_custom(args: argparse.Namespace, argv: list[str]) -> int:
+    """Read ``--input``, split it, write ``--out`` (data/custom.py); print what was written and how to train on it.
+
+    Returns:
+        The exit status: 0 written, 1 for bad data (the message names the file, line and key), 2 for a missing
+        input or options that do not fit the data.
+    """
+    from data.custom import CustomOptionError, read_source, write_custom_set
+
+    try:
+        source = read_source(args.input, args.layout, args.image_column, args.caption_column, args.key_column,
+                             args.image_root)
+        origin = {"source": str(args.input.absolute()), "layout": source.layout,
+                  "command": "python scripts/prepare_data.py custom " + shlex.join(argv)}
+        manifest = write_custom_set(source, args.out, args.val, args.test, args.seed, origin=origin)
+    except (FileNotFoundError, CustomOptionError) as error:
+        print(f"prepare_data: {error}", file=sys.stderr)
+        return 2
+    except AnnotationError as error:  # data.custom.CustomDataError: bad rows, as the annotation loader says them
+        print(f"prepare_data: {error}", file=sys.stderr)
+        return 1
+    counts = manifest["counts"]
+    print(f"read {counts['images']} images ({counts['captions']} captions) from {args.input}")
+    if source.uncaptioned:
+        listed = ", ".join(str(path) for path in source.uncaptioned[:args.show])
+        more = f" and {len(source.uncaptioned) - args.show} more" if len(source.uncaptioned) > args.show else ""
+        print(f"WARNING: skipped {len(source.uncaptioned)} images without a .txt caption beside them: {listed}{more}",
+              file=sys.stderr)
+    for split in ("train", "val", "test"):
+        name = manifest["files"][split]
+        print(f"  {split:5s} {args.out / name if name else '(none)'}: {counts[split]['images']} images, "
+              f"{counts[split]['captions']} captions")
+    written = [manifest["files"][role] for role in ("val_gt", "test_gt", "keys") if manifest["files"][role]]
+    print(f"  also {', '.join(written)} and the manifest custom.json in {args.out}")
+    print(f"  image root {manifest['image_root']} (images are not copied)")
+    # scripts/train.sh runs from the repository root: a relative DIR given elsewhere would not be found there.
+    out = args.out if Path.cwd().resolve() == REPO else args.out.absolute()
+    print(f"\nTrain on it:\n  bash scripts/train.sh configs/custom/smile.yaml data.custom_root={shlex.quote(str(out))}")
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [CUSTOM]:
+        return parse_custom_args(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=sorted([*DATASETS, FINECAPEVAL]))
+    parser.add_argument("dataset", choices=sorted([*DATASETS, FINECAPEVAL, CUSTOM]),
+                        help="custom: your own images (prepare_data.py custom --help)")
     parser.add_argument("--root", type=Path, required=True, help="dataset folder; annotations go to ROOT/annotations")
     parser.add_argument("--image-root", type=Path,
                         help="folder the annotations' image paths are relative to (default ROOT/images)")
@@ -438,6 +541,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per download connection")
     parser.add_argument("--show", type=int, default=10, help="how many missing image paths to list")
     args = parser.parse_args(argv)
+    if args.dataset == CUSTOM:
+        parser.error("custom takes flags of its own and comes first: prepare_data.py custom --input SRC --out DIR")
     if args.check_only and args.annotations_from:
         parser.error("--check-only fetches nothing: drop --annotations-from, or drop --check-only")
     if args.annotations_from is not None and not args.annotations_from.is_dir():
@@ -446,7 +551,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.dataset == CUSTOM:
+        return prepare_custom(args, argv[1:])
     if args.dataset == FINECAPEVAL:
         return prepare_finecapeval(args.root, args.image_root, args.check_only, args.show)
     spec = DATASETS[args.dataset]

@@ -2,10 +2,13 @@
 
 ``check_inputs`` runs every check that needs no model: config values, every local path, then one probe of the hub
 for the hub ids (hub.py). ``fill_data_paths``/``build_toy_assets`` point a ``data.toy`` config at the toy set and
-build it (and the toy CLIP and GPT-2) on first use.
+build it (and the toy CLIP and GPT-2) on first use; ``apply_custom_root`` (part of ``fill_data_paths``) points any
+config at a user's own set that ``scripts/prepare_data.py custom`` made (``data.custom_root``).
 """
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 
 import hub
@@ -17,10 +20,61 @@ from models.families import captioner_family
 from . import steps
 from .config import load_config
 
+logger = logging.getLogger("smile_blip")
+
+# What a metric group can need (metrics/registry.py NEEDS) that a user's own set never has, and why: the groups
+# needing one of these are dropped from eval.metrics when data.custom_root is set.
+CUSTOM_DATA_LACKS = {
+    "toy_scenes": "the toy scenes' attributes",
+    "instances": "COCO's object annotations",
+    "finecapeval": "FineCapEval's phrase annotations",
+}
+CUSTOM_DATA_KEYS = ("image_root", "train_files", "val_file", "val_gt", "test_file", "test_gt")
+
+
+def apply_custom_root(config: dict, announce: bool = True) -> dict:
+    """With ``data.custom_root`` set, take the data from the set prepared there (data/custom.py's manifest): every
+    one of `CUSTOM_DATA_KEYS` is replaced, whatever the config set (a COCO config's paths, the toy set's), and the
+    ``eval.metrics`` groups that need what such a set lacks (`CUSTOM_DATA_LACKS`: toy_grounding, chair,
+    finecapeval, ...) are dropped, with one log line saying which and why when ``announce``. Idempotent; a
+    ``data.toy`` config keeps its toy models and tokenizer (`fill_data_paths`).
+
+    Raises:
+        utils.ConfigError: naming ``data.custom_root`` when the folder, its manifest or a file it names is missing.
+    """
+    data_config = config["data"]
+    root = data_config["custom_root"]
+    if not root:
+        return config
+    from data.custom import CustomDataError, custom_data_paths
+
+    try:
+        values = custom_data_paths(root)
+    except (FileNotFoundError, CustomDataError) as error:
+        raise utils.ConfigError(f"data.custom_root: {error}") from None
+    data_config.update(values)
+    groups = config["eval"]["metrics"]
+    if groups:
+        from metrics.registry import groups_needing
+
+        why = {}
+        for need, lacked in CUSTOM_DATA_LACKS.items():
+            for name in groups_needing(need) & set(groups):
+                why.setdefault(name, lacked)
+        if why:
+            config["eval"]["metrics"] = [name for name in groups if name not in why]
+            if announce:
+                logger.warning("data.custom_root %s: eval.metrics without %s: %s, which a custom set does not have",
+                               root, ", ".join(sorted(why)),
+                               "; ".join(f"{name} needs {why[name]}" for name in sorted(why)))
+    return config
+
 
 def fill_data_paths(config: dict) -> dict:
-    """Fill in the toy dataset's paths that are not set (and its vocab as tokenizer, if none is) when ``data.toy``;
-    no file is touched (`build_toy_assets` builds them)."""
+    """Take the data from ``data.custom_root`` when it is set (`apply_custom_root`), then, when ``data.toy``, fill in
+    the toy dataset's vocab as tokenizer if none is set and, unless the data is a custom set's (which wins), the toy
+    dataset's paths that are not set; no file is touched (`build_toy_assets` builds them)."""
+    apply_custom_root(config)
     data_config = config["data"]
     if not data_config["toy"]:
         return config
@@ -29,6 +83,8 @@ def fill_data_paths(config: dict) -> dict:
     paths = toy_paths(Path(data_config["toy_root"]).absolute())
     if config["model"]["tokenizer"] is None:
         config["model"]["tokenizer"] = str(paths["vocab_file"])
+    if data_config["custom_root"]:  # the toy models and vocab stay, the data is the user's
+        return config
     toy_values = {
         "image_root": str(paths["image_root"]), "train_files": [str(paths["train_file"])],
         "val_file": str(paths["val_file"]), "val_gt": str(paths["val_gt"]),
@@ -135,6 +191,27 @@ def _weights_source(config: dict, key: str, source: str) -> list[tuple[str, str]
                           f"({Path(source).expanduser().absolute()})")
 
 
+def _check_data(config: dict, mode: str, split: str | None) -> None:
+    """`check_inputs`' data part: what the user set (the toy set's own files do not exist before its first build;
+    a custom set's always do, and its empty splits are not the toy set's to fill)."""
+    data_config = config["data"]
+    toy_data = data_config["toy"] and not data_config["custom_root"]
+    if mode == "train":
+        splits = (["val"] if config["train"]["validate"] else []) + (
+            ["test"] if config["train"]["test_after_training"] and data_config["test_file"] else [])
+        SOURCES[data_config["source"]].check_config(data_config)
+    else:
+        splits = [split or config["eval"]["split"]]
+    for name in splits:
+        if not data_config[f"{name}_file"] and not toy_data:
+            raise utils.ConfigError(f"data.{name}_file is not set: cannot evaluate on {name}")
+        for key in (f"data.{name}_file", f"data.{name}_gt"):
+            if utils.get_by_path(config, key):
+                utils.require_path(key, utils.get_by_path(config, key))
+    if data_config["image_root"]:
+        utils.require_path("data.image_root", data_config["image_root"], folder=True)
+
+
 def check_inputs(config: dict, mode: str = "train", split: str | None = None, checkpoint: str | None = None,
                  resuming: bool = False) -> None:
     """Every check that needs no model, run before anything is built or trained: config values, then every local
@@ -144,8 +221,11 @@ def check_inputs(config: dict, mode: str = "train", split: str | None = None, ch
     ``mode`` "train" checks what run_training reads (the training files, val when ``train.validate``, test and
     ``eval.metrics``' models when ``train.test_after_training``); "eval" what run_evaluation reads for ``split``.
     ``resuming``: the weights come from the run's own checkpoint, so ``model.pretrained`` is not needed. Paths
-    the toy flow builds on first use (``data.toy``) are left to it.
+    the toy flow builds on first use (``data.toy``) are left to it. With ``data.custom_root`` the checks run on the
+    data it names (`apply_custom_root` on a copy: ``config`` is not changed here).
     """
+    if config["data"]["custom_root"]:
+        config = apply_custom_root(copy.deepcopy(config), announce=False)
     model_config, data_config, eval_config = config["model"], config["data"], config["eval"]
     toy, family = data_config["toy"], captioner_family(model_config)
     # Config values a builder would otherwise trip over deep inside.
@@ -160,21 +240,14 @@ def check_inputs(config: dict, mode: str = "train", split: str | None = None, ch
         remote += _weights_source(config, "--checkpoint", str(checkpoint))
     elif model_config["pretrained"] and not resuming:
         remote += _weights_source(config, "model.pretrained", str(model_config["pretrained"]))
-    # Data: what the user set (the toy set's own files do not exist before its first build).
-    if mode == "train":
-        splits = (["val"] if config["train"]["validate"] else []) + (
-            ["test"] if config["train"]["test_after_training"] and data_config["test_file"] else [])
-        SOURCES[data_config["source"]].check_config(data_config)
-    else:
-        splits = [split or eval_config["split"]]
-    for name in splits:
-        if not data_config[f"{name}_file"] and not toy:
-            raise utils.ConfigError(f"data.{name}_file is not set: cannot evaluate on {name}")
-        for key in (f"data.{name}_file", f"data.{name}_gt"):
-            if utils.get_by_path(config, key):
-                utils.require_path(key, utils.get_by_path(config, key))
-    if data_config["image_root"]:
-        utils.require_path("data.image_root", data_config["image_root"], folder=True)
+    try:
+        _check_data(config, mode, split)
+    except utils.ConfigError as error:
+        if toy or data_config["custom_root"] or any(data_config[key] for key in CUSTOM_DATA_KEYS):
+            raise
+        # A config that names no data at all (configs/custom/*.yaml without its override): say how to give it.
+        raise utils.ConfigError(f"{error}. For your own captioned images, set data.custom_root=DIR (python "
+                                f"scripts/prepare_data.py custom --input SRC --out DIR)") from None
     sources = [(key, source) for key, source, _ in family.config_sources(model_config)]
     scores_metrics = mode == "eval" or (config["train"]["test_after_training"] and (data_config["test_file"] or toy))
     sources += metric_model_sources(eval_config["metrics"] if scores_metrics else (), eval_config["clip_model"],
