@@ -155,9 +155,12 @@ class AnnotationSource(CaptionSource):
         return CachedFeatureDataset(self.dataset, cache_file)
 
 
+from data.webdataset_source import WebDatasetSource  # noqa: E402 (it subclasses CaptionSource, defined above)
+
 # data.source -> the class that reads it. A new kind of source is one CaptionSource subclass and one line here.
 SOURCES: dict[str, type[CaptionSource]] = {
     "annotations": AnnotationSource,
+    "webdataset": WebDatasetSource,
 }
 
 
