@@ -174,6 +174,11 @@ def check_command(command: Command, monkeypatch) -> None:
             entry.parse_args(["--config", config, *converted])
             _load_config(config, overrides)
             return
+        if script == "scripts/caption.sh":  # every argument goes to caption_images.py
+            import caption_images
+
+            caption_images.parse_args(rest)
+            return
         if script == "scripts/reproduce.sh":
             dataset, (_, overrides) = rest[0], _split_wrapper_args(rest[1:])
             assert dataset in ("coco", "flickr30k", "toy"), f"reproduce.sh has no dataset {dataset}"
