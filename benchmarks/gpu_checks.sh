@@ -5,11 +5,11 @@
 #
 #   bash benchmarks/gpu_checks.sh [LOG_DIR]
 #   PARTS="tests generate" bash benchmarks/gpu_checks.sh      # a subset: tests generate train recipe loader
-#                                                              #   eval toy scst prefix_cache
+#                                                              #   eval toy scst prefix_cache caption
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-runs/gpu_checks}
-PARTS=${PARTS:-tests generate train recipe loader eval toy scst prefix_cache}
+PARTS=${PARTS:-tests generate train recipe loader eval toy scst prefix_cache caption}
 PYTHON=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$LOG_DIR"
@@ -62,4 +62,8 @@ run_part toy env PYTHON="$PYTHON" bash scripts/train.sh configs/toy/smile.yaml o
 run_part scst "$PYTHON" benchmarks/bench_scst.py --preset base --image-size 384 --batch 32 --device cuda \
   --reward '{"cider_d": 1.0}'
 run_part prefix_cache "$PYTHON" benchmarks/bench_prefix_cache.py --tower b32 --gpt2 small --device cuda
+# caption_images.py against transformers' pipeline from JPEGs on disk, BLIP-base sizes (random weights) at 384 px,
+# greedy, every caption 30 tokens. Targets: >= 2x the pipeline's best batch size, >= 2,000 images/s end to end.
+run_part caption "$PYTHON" benchmarks/bench_caption.py --preset base --image-size 384 --jpeg-size 640 \
+  --images 8192 --batch-size 256 --num-workers 12 --pipeline-batch-sizes 16,64 --rounds 1 --device cuda
 exit $status
