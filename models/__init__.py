@@ -1,4 +1,5 @@
-"""BLIP and prefix-LM (ClipCap) captioners, checkpoints, SDPA attention, caption objectives and the inference API.
+"""BLIP, prefix-LM (ClipCap) and transformers image-text-to-text (VLM) captioners, checkpoints, SDPA attention,
+caption objectives and the inference API.
 
 Imports nothing from data/ or metrics/.
 """
@@ -9,6 +10,7 @@ from .families import CAPTIONER_FAMILIES, CaptionModel, captioner_family
 from .inference import Captioner
 from .objectives import IGNORE_INDEX, OBJECTIVES, CaptionObjective, HeadFeatures, caption_loss
 from .prefix_captioner import PrefixCaptioner, PrefixConfig, load_clipcap_checkpoint
+from .vlm_captioner import VlmCaptioner
 
 __all__ = [
     "ARCHITECTURES",
@@ -25,6 +27,7 @@ __all__ = [
     "OBJECTIVES",
     "PrefixCaptioner",
     "PrefixConfig",
+    "VlmCaptioner",
     "attention_of",
     "build_tokenizer",
     "caption_loss",

@@ -19,6 +19,7 @@ from torch import nn
 from .captioner import BlipCaptioner
 from .objectives import HeadFeatures
 from .prefix_captioner import PrefixCaptioner
+from .vlm_captioner import VlmCaptioner
 
 
 @runtime_checkable
@@ -26,7 +27,7 @@ class CaptionModel(Protocol):
     """What the trainer, the steps, the ``Captioner`` API and export need of a captioner: an ``nn.Module``.
 
     Shapes: B caption rows, I images (I = B unless ``image_index`` maps rows to images), L token positions of
-    ``tokenize``'s layout, N scored positions (``build_targets``; L - 1 for BLIP, L for a prefix LM), V the
+    ``tokenize``'s layout, N scored positions (``build_targets``; L - 1 for BLIP, L for a prefix LM or a VLM), V the
     vocabulary, D the LM head's width, S the image size.
 
     Building and checking (classmethods; everything before a model exists):
@@ -36,7 +37,7 @@ class CaptionModel(Protocol):
     * ``check_config(model_config, toy)``: raise ValueError (shown as a one-line ConfigError) for a section
       this family cannot build, before anything is built (training.check_inputs).
     * ``config_sources(model_config) -> [(config key, source, kind)]``: the tokenizer / GPT-2 / CLIP sources
-      ``from_config`` will load (kind "tokenizer", "gpt2", "clip"; a source may be None or a config dict), so
+      ``from_config`` will load (kind "tokenizer", "gpt2", "clip", "vlm"; a source may be None or a config dict), so
       that local paths and hub ids are checked first and the toy flow builds its toy CLIP / GPT-2 stand-ins.
     * ``accepts_hub_weights(source) -> bool``: whether a hub id is a valid ``model.pretrained``.
     * ``inference_config(model_config, checkpoint, tokenizer=None, prompt=None, attention="sdpa") -> dict``: the
@@ -173,8 +174,11 @@ class CaptionModel(Protocol):
     def export_directory(self, output_dir: str | Path) -> Path: ...
 
 
-# ``model.family`` -> its class. A new family: one module with a ``CaptionModel`` class, and one line here.
-CAPTIONER_FAMILIES: dict[str, type[CaptionModel]] = {"blip": BlipCaptioner, "prefix": PrefixCaptioner}
+# ``model.family`` -> its class. A new family: one module with a ``CaptionModel`` class, and one line here. The
+# order is the order ``Captioner.from_pretrained`` asks ``from_exported``: vlm first, because it takes only
+# image-text-to-text folders that are not BLIP's, while blip takes any transformers folder or hub id.
+CAPTIONER_FAMILIES: dict[str, type[CaptionModel]] = {"vlm": VlmCaptioner, "blip": BlipCaptioner,
+                                                     "prefix": PrefixCaptioner}
 
 
 def captioner_family(model_config: dict) -> type[CaptionModel]:

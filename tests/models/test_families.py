@@ -14,6 +14,7 @@ from models import CAPTIONER_FAMILIES, CaptionModel, CaptionObjective
 from models.objectives import IGNORE_INDEX, HeadFeatures, caption_loss
 from models.parameter_groups import DECAYED_LAYERS
 from tests.conftest import FIXTURES
+from tests.models.tiny_vlms import tiny_vlm_folder
 from training import checkpoints
 
 TINY_GPT2 = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 453}
@@ -39,6 +40,9 @@ def tiny_model_section(family: str, gpt2_tokenizer, **prefix_options) -> dict:
         "prefix": {"max_text_length": 20, "prefix": {"gpt2": TINY_GPT2, "clip": TINY_CLIP,
                                                      "tokenizer": str(gpt2_tokenizer), "prefix_length": 2,
                                                      **prefix_options}},
+        # A tiny random LLaVA folder with its processor (tests/models/tiny_vlms.py; the other architectures are
+        # checked in tests/models/test_vlm_captioner.py).
+        "vlm": {"pretrained": str(tiny_vlm_folder("llava")), "max_text_length": 20},
     }
     return {**sections[family], "family": family}
 
@@ -148,7 +152,7 @@ def _decayed_names(captioner, groups):
 
 
 @pytest.mark.parametrize("family, options", [("blip", {}), ("prefix", {}), ("prefix", {"only_prefix": True}),
-                                             ("prefix", {"train_vision": True})])
+                                             ("prefix", {"train_vision": True}), ("vlm", {})])
 def test_parameter_groups_hold_each_trainable_parameter_once_and_decay_only_matrices(family, options,
                                                                                       gpt2_tokenizer, tmp_path):
     captioner, _ = build_tiny(family, gpt2_tokenizer, tmp_path, **options)
