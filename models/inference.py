@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from imaging import open_rgb, to_rgb
 
 from .checkpoint import DEFAULT_CACHE_DIR, CheckpointError, apply_state_dict, is_own_checkpoint, load_checkpoint_file
+from . import lora
 from .families import CAPTIONER_FAMILIES, CaptionModel, captioner_family
 
 logger = logging.getLogger(__name__)
@@ -241,7 +242,11 @@ def _from_training_checkpoint(path: Path, tokenizer, prompt, attention) -> tuple
         raise CheckpointError(f"{path}: {error}") from None
     built = family.inference_config(model_config, path, tokenizer=tokenizer, prompt=prompt, attention=attention)
     captioner = family.from_config(built)
-    logger.info(apply_state_dict(captioner.model, state_dict, source=str(path), strict=True).summary())
+    if lora.freezes_base(built):  # the checkpoint holds what trained: base from model.pretrained, then adapters
+        lora.attach(captioner, built)
+        lora.load_trainable_state_dict(captioner.model, state_dict, str(path))
+    else:
+        logger.info(apply_state_dict(captioner.model, state_dict, source=str(path), strict=True).summary())
     eval_config = config.get("eval") or {}
     generation = {key: eval_config[key] for key in DEFAULT_GENERATION if key in eval_config}
     # eval_caption.py generates under bf16 autocast on CUDA exactly when the run's amp is on (train.amp in the

@@ -6,19 +6,34 @@ import functools
 import torch
 
 import utils
-from models import CAPTIONER_FAMILIES, CaptionModel
+from models import CAPTIONER_FAMILIES, CaptionModel, lora
+from models.checkpoint import load_checkpoint_file
 
 
 def build_captioner(config: dict, device: torch.device, pretrained: str | None = None,
                     load_weights: bool = True) -> CaptionModel:
     """The ``model.family`` captioner with ``pretrained`` (default: ``model.pretrained``) loaded, on ``device``.
 
-    ``load_weights=False`` skips the pretrained weights (a resumed run overwrites them anyway)."""
+    ``load_weights=False`` skips the pretrained weights (a resumed run overwrites them anyway).
+
+    With ``model.lora`` freezing the base (models/lora.py), the base always comes from ``model.pretrained`` (a
+    resumed run's checkpoint holds only what trains) and the adapters are injected; ``pretrained`` then is either
+    a checkpoint of that same LoRA setup (evaluation, export: its trained part is loaded on top) or other starting
+    weights for the base. A LoRA run's checkpoint as the ``pretrained`` of a run without LoRA gives its base with
+    its adapters merged.
+    """
     model_config = config["model"]
-    source = pretrained or model_config["pretrained"]
+    lora.check_config(model_config)
     captioner = CAPTIONER_FAMILIES[model_config["family"]].from_config(model_config)  # the one place it is chosen
-    if source and load_weights:
-        captioner.load_pretrained(source, model_config)
+    saved = lora.partial_checkpoint_config(pretrained)
+    if saved is not None and _same_adapter_setup(saved, model_config):
+        lora.attach(captioner, model_config)
+        state_dict, _, metadata = load_checkpoint_file(lora.resolve_source(pretrained))
+        lora.load_checkpoint_state(captioner.model, state_dict, metadata, str(pretrained))
+    elif lora.freezes_base(model_config):
+        lora.attach(captioner, model_config, base=pretrained)
+    elif (source := pretrained or model_config["pretrained"]) and load_weights:
+        lora.load_base(captioner, source, model_config)
     captioner.to(device)
     if model_config["compile"]:
         captioner.compile_parts(model_config["compile"], mode=model_config["compile_mode"])
@@ -36,6 +51,10 @@ def build_optimizer(captioner: CaptionModel, config: dict) -> torch.optim.Optimi
     train_config = config["train"]
     groups = captioner.parameter_groups(train_config["weight_decay"],
                                         decay_all=train_config.get("decay_all_parameters", True))
+    # A family's groups hold trainable parameters only; filtered here too, so that a frozen base (model.lora) or a
+    # family that forgets never reaches the optimiser (AdamW would keep moments for them; weight decay would move them).
+    groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in groups]
+    groups = [group for group in groups if group["params"]]
     fused = captioner.device.type == "cuda"
     optimizer = torch.optim.AdamW(groups, lr=train_config["lr"], weight_decay=train_config["weight_decay"],
                                   fused=fused)
@@ -70,6 +89,13 @@ def _regroup_single_group_state(every_parameter: list[torch.nn.Parameter], optim
             index += 1
         groups.append({**saved[0], "weight_decay": group["weight_decay"], "params": indices})
     return {"state": state, "param_groups": groups}
+
+
+def _same_adapter_setup(saved: dict, model_config: dict) -> bool:
+    """Whether a frozen-base checkpoint's ``model`` section has this section's base and adapters, so that its
+    trained part loads on top of this captioner's."""
+    return (lora.lora_settings(saved) == lora.lora_settings(model_config)
+            and str(saved.get("pretrained")) == str(model_config.get("pretrained")))
 
 
 def learning_rate(config: dict, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:

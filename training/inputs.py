@@ -15,6 +15,7 @@ import hub
 import utils
 from data import SOURCES
 from models import CheckpointError
+from models import lora
 from models.families import captioner_family
 
 from . import steps
@@ -231,6 +232,7 @@ def check_inputs(config: dict, mode: str = "train", split: str | None = None, ch
     # Config values a builder would otherwise trip over deep inside.
     try:
         family.check_config(model_config, toy)
+        lora.check_config(model_config)  # model.lora: its values, peft installed, a base to rebuild
     except ValueError as error:
         raise utils.ConfigError(str(error)) from None
     # The weights first (the file a user most often lacks), then the data, then the other models: every local
