@@ -116,7 +116,8 @@ def test_prefix_captioners_and_scst_rewards_also_ask_for_the_toy_models():
     configs = Path(__file__).resolve().parents[1] / "configs" / "toy"
     prefix = training.load_config(configs / "prefix_mle.yaml", ["eval.metrics=[coco]"])
     assert _needs(prefix) == {"clip": {"cache/toy_clip"}, "gpt2": {"cache/toy_gpt2"}}
-    scst = training.load_config(configs / "scst_clips.yaml", ["eval.metrics=[coco]"])
+    # eval.select_by=CIDEr: the row's own CLIPScore selection needs clipscore in eval.metrics
+    scst = training.load_config(configs / "scst_clips.yaml", ["eval.metrics=[coco]", "eval.select_by=CIDEr"])
     assert _needs(scst) == {"clip": set(), "gpt2": set()}  # the reward's CLIP comes from the trainer:
     reward_clip = training.steps.reward_clip_model(scst["objective"])
     assert _needs(scst, reward_clip) == {"clip": {"cache/toy_clip"}, "gpt2": set()}

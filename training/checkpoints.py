@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 import utils
-from models.checkpoint import CheckpointError, apply_state_dict, load_checkpoint_file, save_checkpoint_file
+from models import lora
+from models.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
+
+from . import sharding
 
 logger = logging.getLogger("smile_blip")
 
@@ -33,13 +36,18 @@ RUN_FILES = (LATEST, BEST, "log.jsonl", "summary.json")
 
 @dataclass
 class TrainProgress:
-    """Where a run stands. ``batches_done`` counts this epoch's batches already trained (0 at an epoch start)."""
+    """Where a run stands. ``batches_done`` counts this epoch's batches already trained (0 at an epoch start).
+
+    ``best_score``/``best_metrics``/``best_epoch`` describe ``checkpoint_best``: saved in every checkpoint, so a
+    resumed run only replaces the best-so-far with a better epoch (the trainer re-scores ``best_metrics`` under
+    the resumed run's ``eval.select_by``)."""
 
     epoch: int = 0
     batches_done: int = 0
     global_step: int = 0
     best_score: float = -math.inf
     best_metrics: dict | None = None
+    best_epoch: int | None = None  # the epoch checkpoint_best holds; -1: the starting weights (eval.keep_start)
     skipped_images: int = 0
     skipped_steps: int = 0
     world_size: int = 1
@@ -55,9 +63,12 @@ class RunExistsError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors under ``optimizer/<param index>/<name>``; param groups and non-tensor state as JSON."""
-    state_dict = optimizer.state_dict()
+def optimizer_to_flat(optimizer: torch.optim.Optimizer,
+                      state_dict: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors under ``optimizer/<param index>/<name>``; param groups and non-tensor state as JSON.
+
+    ``state_dict``: the whole state of a sharded run's optimizer (training/sharding.py), else the optimizer's own."""
+    state_dict = optimizer.state_dict() if state_dict is None else state_dict
     tensors, scalars = {}, {}
     for index, state in state_dict["state"].items():
         for name, value in state.items():
@@ -69,6 +80,11 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    optimizer.load_state_dict(optimizer_state_from_flat(tensors, meta))
+
+
+def optimizer_state_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """``optimizer_to_flat``'s output back to an ``optimizer.state_dict()``."""
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer/"):
@@ -80,7 +96,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     for group in groups:  # JSON turned tuples (AdamW's betas) into lists
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def capture_rng() -> dict:
@@ -130,25 +146,33 @@ def _rng_from_flat(tensors: dict[str, torch.Tensor], meta: list[dict], rank: int
 
 def save_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                              config: dict, progress: TrainProgress, metrics: dict | None = None) -> None:
-    """Collective: every rank contributes its RNG state; rank 0 writes the file atomically."""
+    """Collective: every rank contributes its RNG state (and its shards, under FSDP); rank 0 writes the file
+    atomically."""
+    sharded = sharding.is_sharded(model)
+    if sharded:  # gathered whole on rank 0, so the file is the same as a DDP run's (training/sharding.py)
+        model_state, optimizer_state = sharding.gather_full_state(model, optimizer)
     rng_states = utils.all_gather_object(capture_rng())
     if not utils.is_main():
         return
     tensors, rng_meta = _rng_to_flat(rng_states)
     optimizer_meta = None
     if optimizer is not None:
-        optimizer_tensors, optimizer_meta = optimizer_to_flat(optimizer)
+        optimizer_tensors, optimizer_meta = optimizer_to_flat(optimizer, optimizer_state if sharded else None)
         tensors.update(optimizer_tensors)
     metadata = {"config": config, "progress": asdict(progress), "rng": rng_meta, "optimizer": optimizer_meta,
                 "metrics": metrics}
-    save_checkpoint_file(path, model.state_dict(), tensors, metadata)
+    # A frozen base (model.lora) is rebuilt from model.pretrained: only the trainable part is saved.
+    save_checkpoint_file(path, model_state if sharded else lora.checkpoint_state_dict(model), tensors, metadata)
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """Load a checkpoint's weights into ``model`` (exact match required); returns (other tensors, metadata)."""
     model_state, tensors, metadata = load_checkpoint_file(path)
-    report = apply_state_dict(model, model_state, source=str(path), strict=True)
-    if report.unused:
+    if sharding.is_sharded(model):  # collective: rank 0's copy is broadcast, each rank keeps its shard
+        sharding.load_full_model_state(model, model_state)
+        return tensors, metadata
+    report = lora.load_checkpoint_state(model, model_state, metadata, str(path))  # the trainable part, or all
+    if report is not None and report.unused:
         raise CheckpointError(f"{path} does not match this model: unexpected keys {report.unused[:10]}")
     return tensors, metadata
 
@@ -161,7 +185,10 @@ def load_training_checkpoint(path: Path, model: torch.nn.Module,
     tensors, metadata = load_weights(path, model)
     if metadata.get("optimizer") is None:
         raise RuntimeError(f"{path} holds no optimizer state: it is a weights-only checkpoint, not resumable")
-    optimizer_from_flat(optimizer, tensors, metadata["optimizer"])
+    if sharding.is_sharded(model):
+        sharding.load_full_optimizer_state(model, optimizer, optimizer_state_from_flat(tensors, metadata["optimizer"]))
+    else:
+        optimizer_from_flat(optimizer, tensors, metadata["optimizer"])
     progress = TrainProgress(**metadata["progress"])
     progress.extra["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng/")}
     progress.extra["rng_meta"] = metadata["rng"]

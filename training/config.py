@@ -19,6 +19,7 @@ import utils
 from data.datasets import AnnotationError, ImageLoadError
 from data.sources import SOURCES
 from metrics._common import MetricInputError
+from metrics.clip_metrics import CLIP_LONG_TEXT
 from models import CAPTIONER_FAMILIES, CheckpointError
 from models.text_padding import TEXT_PADDINGS
 
@@ -47,18 +48,27 @@ def load_config(path: str | Path, overrides=()) -> dict:
         steps.check_objective(config["objective"])
     except ValueError as error:
         raise utils.ConfigError(f"{path}: objective: {error}") from None
+    from .evaluation import select_by  # here, not at the top: training.evaluation imports this module
+
+    select_by(config)  # eval.select_by names metric keys validation scores
     choices = {"eval.split": ("val", "test"), "resume": (False, True, "auto"), "train.on_nonfinite": ("stop", "skip"),
                "data.train_bad_images": ("skip", "fail"), "data.eval_bad_images": ("fail", "skip"),
                "train.schedule": ("cosine_epoch", "cosine_step", "constant", "linear_warmup"),
-               "train.grad_clip_mode": ("norm", "value"), "model.compile": (None, "vision", "full"),
+               "train.grad_clip_mode": ("norm", "value"), "train.sharding": ("ddp", "fsdp"),
+               "model.compile": (None, "vision", "full"),
                "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                "model.text_padding": TEXT_PADDINGS, "model.family": tuple(CAPTIONER_FAMILIES),
                "data.feature_cache": ("auto", "on", "off", True, False),  # YAML reads a bare on/off as a bool
-               "data.augment_on": ("workers", "device"), "data.source": tuple(SOURCES)}
+               "data.augment_on": ("workers", "device"), "data.source": tuple(SOURCES),
+               "eval.clip_long_text": CLIP_LONG_TEXT}
     for key, allowed in choices.items():
         value = utils.get_by_path(config, key)
         if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
             raise utils.ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    custom_root = config["data"]["custom_root"]
+    if custom_root is not None and (not isinstance(custom_root, str) or not custom_root.strip()):
+        raise utils.ConfigError(f"data.custom_root must be the folder prepare_data.py custom wrote (a path) or null, "
+                                f"got {custom_root!r}")
     micro = config["train"]["micro_batch_size"]
     if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
         raise utils.ConfigError(f"train.micro_batch_size must be a positive integer or null, got {micro!r}")

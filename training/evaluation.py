@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +24,7 @@ logger = logging.getLogger("smile_blip")
 
 def generation_options(config: dict) -> dict:
     eval_config = config["eval"]
-    keys = ("sample", "num_beams", "max_length", "min_length", "top_p", "repetition_penalty")
+    keys = ("sample", "num_beams", "max_length", "min_length", "top_p", "repetition_penalty", "no_repeat_ngram_size")
     return {key: eval_config[key] for key in keys}
 
 
@@ -55,7 +56,8 @@ def metric_options(config: dict, images_root=None):
     eval_config = config["eval"]
     return MetricOptions(images_root=images_root, clip_model=eval_config["clip_model"],
                          ppl_model=eval_config["ppl_model"], finecapeval=eval_config["finecapeval"],
-                         instances=eval_config.get("instances"), skip_missing_instances=True)
+                         instances=eval_config.get("instances"), skip_missing_instances=True,
+                         clip_long_text=eval_config.get("clip_long_text", "truncate"))
 
 
 @contextmanager
@@ -91,9 +93,86 @@ def evaluate(captioner: CaptionModel, loader, gt: dict, config: dict, device: to
         return results, score(results, session)
 
 
-def selection_score(metrics: dict) -> float:
-    """BLIP's model selection: CIDEr + BLEU-4."""
-    return metrics["CIDEr"] + metrics["Bleu_4"]
+# BLIP's model selection (train_caption.py keeps the epoch with the best val CIDEr + BLEU-4): eval.select_by: null.
+BLIP_SELECTION = {"CIDEr": 1.0, "Bleu_4": 1.0}
+VALIDATION_GROUPS = ("coco",)  # what validation scores besides the groups of eval.select_by's keys
+SELECT_BY_KEY = "eval.select_by"
+
+
+def select_by(config: dict) -> dict[str, float]:
+    """``eval.select_by`` -> ``{metric key: weight}``: what picks ``checkpoint_best`` (the largest weighted sum).
+
+    The YAML forms are those of the objectives and rewards (``utils.parse_weighted_spec``)::
+
+        select_by: null                        # BLIP's CIDEr + BLEU-4 (the default, for parity)
+        select_by: CIDEr                       # one validation metric
+        select_by: {CLIPScore: 0.02, CIDEr: 1.0}   # a weighted sum of metric keys
+
+    A name is a metric key as the metrics files write it (``metrics/registry.py``: ``CIDEr``, ``Bleu_4``,
+    ``CLIPScore``, ``PPL``, ...). Its group must be one validation scores: ``coco`` always, any other only when
+    ``eval.metrics`` lists it (so that the model it needs, e.g. ``eval.clip_model``, is checked before training).
+    A key where lower is better needs a negative weight; a statistic with no better direction (``cap_len``) is
+    refused. Raises ``utils.ConfigError`` naming ``eval.select_by`` and the offending key.
+    """
+    from metrics.registry import HIGHER, KEY_DIRECTIONS, METRIC_GROUPS, reported_groups
+
+    spec = config["eval"].get("select_by")
+    if spec is None:
+        return dict(BLIP_SELECTION)
+    listed = config["eval"]["metrics"]
+    listed = [listed] if isinstance(listed, str) else list(listed or ())
+    scored = reported_groups([*VALIDATION_GROUPS, *(name for name in listed if name in METRIC_GROUPS)])
+    group_of = {key: name for name, group in METRIC_GROUPS.items() for key in group.key_names}
+    valid = sorted(key for key in group_of if group_of[key] in scored and KEY_DIRECTIONS[key] is not None)
+    for name in [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, Mapping) else []:
+        if name not in group_of:
+            close = [key for key in group_of if str(name).lower().replace("-", "_") == key.lower()]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise utils.ConfigError(f"{SELECT_BY_KEY}: unknown metric key {name!r}{hint}; validation here scores "
+                                    f"{valid}")
+    try:
+        parsed = utils.parse_weighted_spec(spec, "metric key", {key: [] for key in group_of}, key=SELECT_BY_KEY)
+    except ValueError as error:
+        raise utils.ConfigError(str(error)) from None
+    weights = {}
+    for key, weight, _ in parsed:
+        if group_of[key] not in scored:
+            raise utils.ConfigError(
+                f"{SELECT_BY_KEY}: {key!r} comes from the metric group {group_of[key]!r}, which validation does not "
+                f"score: add it to eval.metrics (now {listed}) or select by one of {valid}")
+        direction = KEY_DIRECTIONS[key]
+        if direction is None:
+            raise utils.ConfigError(f"{SELECT_BY_KEY}: {key!r} is a statistic with no better direction; select by "
+                                    f"one of {valid}")
+        if weight == 0 or (direction == HIGHER) != (weight > 0):
+            better = "higher" if direction == HIGHER else "lower"
+            raise utils.ConfigError(
+                f"{SELECT_BY_KEY}.{key}: weight {weight:g} would prefer the wrong direction ({better} is better, and "
+                f"the largest weighted sum wins): give it a {'positive' if direction == HIGHER else 'negative'} "
+                "weight")
+        weights[key] = weight
+    return weights
+
+
+def validation_groups(selection: dict[str, float]) -> tuple[str, ...]:
+    """The metric groups validation scores: ``coco`` plus the groups of the ``select_by`` keys."""
+    from metrics.registry import METRIC_GROUPS
+
+    groups = list(VALIDATION_GROUPS)
+    for name, group in METRIC_GROUPS.items():
+        if name not in groups and any(key in group.key_names for key in selection):
+            groups.append(name)
+    return tuple(groups)
+
+
+def selection_score(metrics: dict, selection: dict[str, float] | None = None) -> float:
+    """The validation score that picks ``checkpoint_best``: ``sum_k weight_k * metrics[k]`` over ``selection``
+    (``select_by(config)``; default BLIP's CIDEr + BLEU-4). Larger is better."""
+    selection = BLIP_SELECTION if selection is None else selection
+    missing = [key for key in selection if metrics.get(key) is None]
+    if missing:
+        raise ValueError(f"{SELECT_BY_KEY}: validation produced no value for {missing} (metrics: {sorted(metrics)})")
+    return float(sum(weight * metrics[key] for key, weight in selection.items()))
 
 
 def run_evaluation(config: dict, checkpoint: str | None = None, split: str | None = None) -> dict:

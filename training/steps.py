@@ -46,8 +46,12 @@ logger = logging.getLogger("smile_blip")
 SCST = "scst"
 BASELINES = ("greedy", "mean_of_others")
 # The reference's settings (j-min/CLIP-Caption-Reward): 5 samples, at most 20 words, greedy baseline.
+# policy_dropout: false runs the policy-gradient forward without dropout, i.e. differentiates the policy that drew
+# the samples (ScstStep's docstring says why this differs from the reference).
+# log_greedy: with baseline mean_of_others, still decode and score the greedy caption, only to log its reward.
 SCST_DEFAULTS = {"weight": 1.0, "reward": "cider_d", "samples": 5, "baseline": "greedy", "max_tokens": 20,
-                 "normalize": "tokens", "grammar_model": None, "clip_model": "openai/clip-vit-base-patch32"}
+                 "normalize": "tokens", "policy_dropout": False, "log_greedy": False, "grammar_model": None,
+                 "clip_model": "openai/clip-vit-base-patch32"}
 CLIP_REWARDS = ("clip_s", "ref_clip_s")
 REWARD_KEY = "objective.scst.reward"
 
@@ -113,6 +117,9 @@ def split_objective(spec) -> tuple[dict | None, str | dict | None]:
         value = scst[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"objective.scst.{key} must be an integer >= {low}, got {value!r}")
+    for key in ("policy_dropout", "log_greedy"):
+        if not isinstance(scst[key], bool):
+            raise ValueError(f"objective.scst.{key} must be true or false, got {scst[key]!r}")
     weight = scst["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ValueError(f"objective.scst.weight must be a non-negative number, got {weight!r}")
@@ -204,12 +211,26 @@ class TeacherForcedStep(_TwoPhaseStep):
 class ScstStep(_TwoPhaseStep):
     """Self-critical sequence training, with an optional token-level objective on the references.
 
-    Per batch of B images: k samples per image (multinomial, temperature 1) and, for ``baseline: greedy``, one
-    greedy caption, all under ``torch.no_grad`` and in eval mode (no dropout in the policy that samples); the
-    rewards of all B*k + B captions in one call (each image encoded by CLIP once); advantages = sample reward -
-    baseline; then ONE teacher-forced forward in train mode over [samples ; references] with every caption
+    Per batch of B images: k samples per image (multinomial, temperature 1, each ending at its first end token,
+    which is part of the sample) and, for ``baseline: greedy``, one greedy caption, all under ``torch.no_grad`` and
+    in eval mode; the rewards of all B*k + B captions in one call (each image encoded by CLIP once); advantages =
+    sample reward - baseline; then ONE teacher-forced forward over [samples ; references] with every caption
     pointing at its image (``image_index``: the image tower runs once per image) computes the log-probabilities
-    with gradients. Statistics are averaged over ranks when logged.
+    with gradients, of exactly the sampled tokens: each sample's caption tokens and its end token (the prompt and
+    the padding after the end token are masked by ``build_targets``).
+
+    That forward runs in eval mode too (``policy_dropout: false``, the default), so the gradient is that of the
+    policy which drew the samples and which greedy decoding (the baseline, and evaluation) uses: REINFORCE's
+    ``E[A grad log pi(y)]`` needs ``y ~ pi`` for the same ``pi``. The reference (self-critical.pytorch) samples in
+    train mode and differentiates that same pass, which is also consistent; sampling without dropout and then
+    differentiating a dropout pass (``policy_dropout: true``, this step's behaviour before) is neither: on the toy
+    set that mismatch moves the greedy captions in a direction no reward asked for (docs/objectives.md). With a
+    token objective in the mix, its reference rows share the forward and so run without dropout as well.
+
+    Logged statistics (averaged over ranks): ``reward`` and ``greedy_reward`` (mean sample and greedy reward),
+    ``advantage``, ``sample_length`` and ``greedy_length`` (words per caption), ``sample_is_greedy`` (the fraction
+    of samples identical to their image's greedy caption: near 1, the policy has collapsed onto its greedy
+    caption and SCST has little left to learn from).
     """
 
     def __init__(self, scst: dict, token_objective: CaptionObjective | None, rewards):
@@ -231,7 +252,7 @@ class ScstStep(_TwoPhaseStep):
             sampled = captioner.sample_ids(images, num_samples=samples, max_new_tokens=options["max_tokens"])
             clock.lap("sampling")
             greedy = (captioner.sample_ids(images, max_new_tokens=options["max_tokens"], greedy=True)
-                      if options["baseline"] == "greedy" else None)
+                      if options["baseline"] == "greedy" or options["log_greedy"] else None)
             clock.lap("greedy")
         captioner.train(was_training)
         texts = captioner.decode(sampled)
@@ -244,7 +265,8 @@ class ScstStep(_TwoPhaseStep):
         total, reward_parts = self.rewards(scored, reward_index.cpu(), images=features, keys=image_ids.tolist())
         total = total.to(images.device, torch.float64)  # float64: equal rewards give exactly zero advantage
         sample_rewards = total[: batch * samples].view(batch, samples)
-        advantages, baseline = scst_advantages(total, batch, samples, options["baseline"])
+        advantages, _ = scst_advantages(total if options["baseline"] == "greedy" else total[: batch * samples],
+                                        batch, samples, options["baseline"])
         advantages = advantages.float()
         clock.lap("rewards")
 
@@ -262,9 +284,13 @@ class ScstStep(_TwoPhaseStep):
             float(n), device=images.device)  # "none" and "length" average over the sampled sequences
         counts = torch.stack([pg_items, scored_tokens(targets[n:])])
         stats = {"reward": sample_rewards.float().mean(), "advantage": advantages.mean(),
-                 "sample_length": sample_mask.sum(dim=1).float().mean()}
+                 "sample_length": _mean_words(texts, images.device)}
         if greedy is not None:
-            stats["greedy_reward"] = baseline.float().mean()
+            greedy_texts = scored[n:]
+            stats["greedy_reward"] = total[n:].float().mean()
+            stats["greedy_length"] = _mean_words(greedy_texts, images.device)
+            same = [text == greedy_texts[index // samples] for index, text in enumerate(texts)]
+            stats["sample_is_greedy"] = torch.tensor(same, dtype=torch.float32, device=images.device).mean()
         for name, values in reward_parts.items():
             stats[f"reward_{name}"] = values[: n].to(images.device).mean()
         work = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets,
@@ -276,8 +302,13 @@ class ScstStep(_TwoPhaseStep):
         objective = PolicyGradientObjective(work["advantages"], n, weight=self.options["weight"],
                                             normalize=self.options["normalize"], token_objective=self.token_objective,
                                             scales=(shares[0], shares[1]))
-        loss, parts = caption_loss(model, objective, prepared.images, work["input_ids"], work["attention_mask"],
-                                   work["targets"], image_index=work["image_index"])
+        was_training = model.training
+        model.train(was_training and self.options["policy_dropout"])  # the sampling policy's mode (class doc)
+        try:
+            loss, parts = caption_loss(model, objective, prepared.images, work["input_ids"],
+                                       work["attention_mask"], work["targets"], image_index=work["image_index"])
+        finally:
+            model.train(was_training)
         work["clock"].lap("forward")
         return loss, parts, work["stats"]
 
@@ -362,6 +393,11 @@ class _PhaseClock:
             now = self._now()
             self.store[name] = self.store.get(name, 0.0) + now - self.start
             self.start = now
+
+
+def _mean_words(texts: list[str], device: torch.device) -> torch.Tensor:
+    """Mean number of words of ``texts`` (scalar float tensor on ``device``)."""
+    return torch.tensor([len(text.split()) for text in texts], dtype=torch.float32, device=device).mean()
 
 
 def _pad_and_stack(ids: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

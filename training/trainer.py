@@ -6,15 +6,14 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import utils
 from models import CaptionModel
 
-from . import checkpoints, steps
+from . import checkpoints, sharding, steps
 from .builders import build_captioner, build_optimizer
 from .config import config_changes, load_config, prepare_output_dir
-from .evaluation import _format_metrics, evaluate, evaluate_split, selection_score
+from .evaluation import _format_metrics, evaluate, evaluate_split, select_by, selection_score, validation_groups
 from .inputs import build_toy_assets, check_inputs, fill_data_paths
 from .loaders import build_eval_loader, build_train_loader
 from .loop import train_one_epoch
@@ -54,6 +53,7 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
     """
     if config["train"]["tensorboard"]:
         utils.require_tensorboard()  # before any work, rather than after the model is built
+    selection = select_by(config)  # a bad eval.select_by is a config error before anything is built
     output_dir = Path(config["output_dir"])
     # Before check_output_dir: an overwrite deletes the old run only once the new one can start.
     check_inputs(config, "train", resuming=bool(config["resume"]) and (output_dir / checkpoints.LATEST).exists())
@@ -68,9 +68,8 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
     torch.manual_seed(config["seed"])
     captioner = build_captioner(config, device, load_weights=resume_from is None)
     utils.seed_everything(config["seed"] + utils.get_rank())
-    model = captioner
-    if utils.is_distributed():
-        model = DistributedDataParallel(captioner, device_ids=[device.index] if device.type == "cuda" else None)
+    # train.sharding: DDP around the captioner, or FSDP2 in place; the optimizer comes after, over what it made.
+    model = sharding.wrap_for_training(captioner, config, device)
     optimizer = build_optimizer(captioner, config)
     progress = checkpoints.TrainProgress(world_size=utils.get_world_size())
     if resume_from is not None:
@@ -85,6 +84,9 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
     step = steps.build_step(config, captioner, source, device)
     validate = config["train"]["validate"]
     val_loader, val_gt = build_eval_loader(config, "val", captioner.eval_transform()) if validate else (None, None)
+    if resume_from is not None and progress.best_metrics is not None:
+        # The best-so-far in this run's units, should eval.select_by have changed (config_changes warns then).
+        progress.best_score = selection_score(progress.best_metrics, selection)
     if resume_from is not None and progress.batches_done == 0:
         checkpoints.restore_rng_from(progress)  # at an epoch boundary the next epoch's loader has not drawn yet
     log = utils.JsonlLogger(output_dir / "log.jsonl", _open_tensorboard(config, output_dir, resume_from, progress))
@@ -95,8 +97,31 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
         checkpoints.save_training_checkpoint(output_dir / checkpoints.LATEST, captioner.model, optimizer,
                                                config, progress)
 
+    def consider(epoch: int, metrics: dict | None) -> None:
+        """Save ``checkpoint_best`` when ``epoch``'s validation beats the best-so-far (always without validation,
+        where the last epoch is the one to keep)."""
+        if metrics is not None:
+            score = selection_score(metrics, selection)
+            if score <= progress.best_score:
+                return
+            progress.best_score, progress.best_metrics = score, metrics
+        progress.best_epoch = epoch
+        checkpoints.save_training_checkpoint(output_dir / checkpoints.BEST, captioner.model, None, config, progress,
+                                             metrics=metrics)
+
     max_steps = config["train"]["max_steps"]
+    groups = validation_groups(selection)
     with log:  # closes the TensorBoard writer, flushing its last events, also when training fails
+        if val_loader is not None and config["eval"]["keep_start"] and resume_from is None:
+            # The starting weights are a candidate (epoch -1): fine-tuning never ends worse on val than it began.
+            with sharding.full_parameters(captioner):  # FSDP: gathered once for the ranks' uneven generation loops
+                results, metrics = evaluate(captioner, val_loader, val_gt, config, device, groups)
+            log.log(kind="val", epoch=-1, step=0, **metrics)
+            logger.info("start (epoch -1) val: %s", _format_metrics(metrics))
+            if utils.is_main():
+                utils.write_json(output_dir / "val_epoch-1_results.json", results)
+            consider(-1, metrics)
+            save_latest()  # an interrupted run resumes with the start's score as its best-so-far
         while progress.epoch < config["train"]["epochs"] and not (max_steps and progress.global_step >= max_steps):
             epoch = progress.epoch
             position.set_epoch(epoch)
@@ -107,27 +132,28 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
             logger.info("epoch %d: loss %.4f, %.1f images/s", epoch, stats["loss"], stats["images_per_second"])
             metrics = None
             if val_loader is not None:
-                results, metrics = evaluate(captioner, val_loader, val_gt, config, device)
+                with sharding.full_parameters(captioner):
+                    results, metrics = evaluate(captioner, val_loader, val_gt, config, device, groups)
                 log.log(kind="val", epoch=epoch, step=progress.global_step, **metrics)
                 logger.info("epoch %d val: %s", epoch, _format_metrics(metrics))
                 if utils.is_main():
                     utils.write_json(output_dir / f"val_epoch{epoch}_results.json", results)
             progress.epoch, progress.batches_done = epoch + 1, 0
-            if metrics is None or selection_score(metrics) > progress.best_score:
-                # Without validation there is no selection: the last epoch is the one to keep.
-                if metrics is not None:
-                    progress.best_score, progress.best_metrics = selection_score(metrics), metrics
-                checkpoints.save_training_checkpoint(output_dir / checkpoints.BEST, captioner.model, None,
-                                                       config, progress, metrics=metrics)
+            consider(epoch, metrics)
             save_latest()
         utils.barrier()
 
-        summary = {"best_val": progress.best_metrics, "steps": progress.global_step,
+        if progress.best_epoch is not None:
+            logger.info("checkpoint_best: epoch %d (%s %.4f)", progress.best_epoch, _selection_name(selection),
+                        progress.best_score)
+        summary = {"best_val": progress.best_metrics, "best_epoch": progress.best_epoch,
+                   "select_by": selection, "steps": progress.global_step,
                    "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps}
         if config["train"]["test_after_training"] and config["data"]["test_file"]:
             checkpoints.load_weights(output_dir / checkpoints.BEST, captioner.model)
             try:
-                summary["test"] = evaluate_split(captioner, config, "test", device, output_dir, "test")
+                with sharding.full_parameters(captioner):
+                    summary["test"] = evaluate_split(captioner, config, "test", device, output_dir, "test")
             except Exception:
                 # checkpoint_latest already says the training is done: the same command only scores the test split.
                 logger.error("training finished and its checkpoints are in %s, but scoring the test split failed; "
@@ -138,6 +164,11 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
     if utils.is_main():
         utils.write_json(output_dir / "summary.json", summary)
     return summary, captioner
+
+
+def _selection_name(selection: dict[str, float]) -> str:
+    """``{"CIDEr": 1.0, "Bleu_4": 1.0}`` -> ``"CIDEr + Bleu_4"`` (weights other than 1 shown)."""
+    return " + ".join(key if weight == 1 else f"{weight:g} x {key}" for key, weight in selection.items())
 
 
 def _open_tensorboard(config: dict, output_dir: Path, resume_from: Path | None,

@@ -129,7 +129,7 @@ def test_config_changes_name_every_changed_key_but_the_launch_keys():
     mle = training.load_config(toy / "mle.yaml")
     scst = training.load_config(toy / "scst_cider.yaml", ["resume=true", "overwrite=true"])
     changes = training.config_changes(mle, scst)
-    assert "objective: 'mle' -> {'scst': {'reward': 'cider_d'}}" in changes, changes
+    assert any(line.startswith("objective: 'mle' -> {'scst': {'reward': 'cider_d'") for line in changes), changes
     assert "data.train_per_image: False -> True" in changes
     assert not [line for line in changes if line.startswith(("resume", "overwrite"))]
     assert training.config_changes(mle, mle) == []

@@ -130,6 +130,100 @@ def test_scst_mixed_with_smile_adds_the_reference_rows_in_the_same_forward(fixtu
     assert set(parts) == {"scst", "smile"}
 
 
+class _WordReward(_ConstantReward):
+    """A deterministic reward that prefers one word and short captions: ``[word in caption] - 0.1 x words``. Its
+    best caption is the word alone, so learning it needs the word's log-probability raised at the position where it
+    was sampled and the end token's right after it: a flipped advantage, a shifted target or a mask without the end
+    token all miss it."""
+
+    def __init__(self, word: str):
+        self.word = word
+
+    def __call__(self, captions, image_index, images=None, keys=None):
+        value = torch.tensor([float(self.word in c.split()) - 0.1 * len(c.split()) for c in captions])
+        return value, {"cider_d": value}
+
+
+def _greedy_captions(captioner, images):
+    was_training = captioner.training
+    captioner.eval()
+    with torch.no_grad():
+        captions = captioner.decode(captioner.sample_ids(images, greedy=True, max_new_tokens=8))
+    captioner.train(was_training)
+    return captions
+
+
+def test_scst_raises_the_greedy_frequency_and_reward_of_the_word_its_reward_prefers(fixture_captioner):
+    """SCST must raise what it optimises: 20 steps on 6 images take the greedy captions from 'blue' in 1-3 of 6
+    (reward about -0.5) to 'blue' in all of them, ended right after it (reward >= 0.6). Checked to fail when broken
+    in training/steps.py: advantages negated (greedy 'a a a a a a a a'), targets shifted by one (empty captions),
+    the end token left out of the mask ('blue blue ... blue', reward 0.2). The scored tokens must be each sample's
+    caption tokens and its end token, nothing after it: a mask that also scored the padding would not change the
+    greedy captions, so the count checks it (and fails for the end-token-less mask too)."""
+    torch.manual_seed(0)
+    captioner = fixture_captioner.train()
+    images, word, samples = _images(6), "blue", 4
+    reward = _WordReward(word)
+    scst, _ = steps.split_objective({"scst": {"samples": samples, "max_tokens": 8}})
+    step = steps.ScstStep(scst, None, reward)
+    start = _greedy_captions(captioner, images)
+    start_reward = float(reward(start, None)[0].mean())
+    assert sum(word in c.split() for c in start) <= 3 and start_reward < -0.3
+
+    prompt, sep = captioner.prompt_length, captioner.tokenizer.sep_token_id
+    prepared = step.prepare(captioner, images, ["x"] * 6, torch.arange(6))
+    caption_ids = prepared.work["input_ids"][:, prompt:]
+    ended = caption_ids == sep
+    lengths = torch.where(ended.any(dim=1), ended.int().argmax(dim=1) + 1, torch.full_like(ended[:, 0], 8, dtype=torch.long))
+    assert prepared.counts[0] == lengths.sum()  # caption tokens + end token per sample, nothing after it
+
+    optimizer = torch.optim.Adam(captioner.parameters(), lr=2e-3)
+    for _ in range(20):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _, stats = step(captioner, captioner, images, ["x"] * 6, torch.arange(6))
+        loss.backward()
+        optimizer.step()
+    final = _greedy_captions(captioner, images)
+    final_reward = float(reward(final, None)[0].mean())
+    assert all(word in c.split() for c in final), final
+    assert final_reward >= 0.6, (final_reward, final)
+    assert float(stats["greedy_reward"]) > start_reward and {"sample_length", "greedy_length",
+                                                              "sample_is_greedy"} <= set(stats)
+
+
+def test_the_policy_gradient_forward_runs_without_dropout_unless_asked(fixture_captioner):
+    """policy_dropout: false (default) differentiates the policy that sampled (eval mode: two calls on the same
+    prepared batch give one loss), and leaves the model in train mode; true keeps the training mode's dropout."""
+    captioner = fixture_captioner.train()
+    images = _images(2)
+    for policy_dropout, same in ((False, True), (True, False)):
+        scst, _ = steps.split_objective({"scst": {"samples": 3, "max_tokens": 6, "policy_dropout": policy_dropout}})
+        step = steps.ScstStep(scst, None, _RowReward())
+        torch.manual_seed(0)
+        prepared = step.prepare(captioner, images, ["a", "b"], torch.tensor([1, 2]))
+        first, _, _ = step.loss(captioner, captioner, prepared, torch.ones(2))
+        second, _, _ = step.loss(captioner, captioner, prepared, torch.ones(2))
+        assert torch.equal(first, second) == same and captioner.training
+    with pytest.raises(ValueError, match="policy_dropout must be true or false"):
+        steps.check_objective({"scst": {"policy_dropout": "no"}})
+
+
+def test_log_greedy_scores_the_greedy_caption_without_changing_the_mean_of_others_advantages(fixture_captioner):
+    captioner = fixture_captioner.train()
+    images, captions, ids = _images(2), ["a", "b"], torch.tensor([1, 2])
+    prepared = {}
+    for log_greedy in (False, True):
+        scst, _ = steps.split_objective({"scst": {"samples": 3, "max_tokens": 8, "baseline": "mean_of_others",
+                                                  "log_greedy": log_greedy}})
+        torch.manual_seed(0)
+        prepared[log_greedy] = steps.ScstStep(scst, None, _WordReward("a")).prepare(captioner, images, captions, ids)
+    plain, logged = prepared[False].work, prepared[True].work
+    assert torch.equal(plain["advantages"], logged["advantages"])  # the same samples, the same baseline
+    assert "greedy_reward" not in plain["stats"]
+    expected = _WordReward("a")(_greedy_captions(captioner, images), None)[0].mean()
+    assert float(logged["stats"]["greedy_reward"]) == pytest.approx(float(expected))
+
+
 def test_blip_rollouts_are_in_tokenize_layout(fixture_captioner):
     captioner = fixture_captioner.eval()
     images = _images(2)
