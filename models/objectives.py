@@ -203,6 +203,66 @@ def reverse_subset(logits: torch.Tensor, targets: torch.Tensor, first_token_mle:
     return _masked_mean(log_normaliser - label_logit, valid)
 
 
+class _SubsetHeadLogits(torch.autograd.Function):
+    """The LM head's logits that SMILE reads, with a single (V, D) buffer for the gradient of ``weight``.
+
+    Forward: ``set_logits[b, n, k] = features[b, n] . weight[token_ids[b, k]] + bias[token_ids[b, k]]`` (B, N, K)
+    and, given ``first`` (B,), ``first_logits[b] = weight @ features[b, first[b]] + bias`` (B, V) (else an empty
+    tensor). The ops run under the caller's autocast, as the plain head would.
+
+    Why a Function: through autograd, the gather of the set rows (``F.embedding``) and the first positions'
+    projection each return a dense (V, D) gradient for ``weight``, which autograd then adds: two to three (V, D)
+    buffers at the step's peak where MLE's head has one. At VLM vocabularies and widths that is the largest
+    tensor of the step (V x D x 4 bytes: 2.2 GB at Qwen2-VL-7B's V = 152,064, D = 3,584), so SMILE would use more
+    memory than MLE (1.5x at D = 1,024, ``benchmarks/bench_vlm_vocab.py``). The backward writes the first
+    positions' outer product into one (V, D) buffer and index-adds the set rows' gradients into it, in the
+    weight's dtype (those products are (V, B) x (B, D) and (B, K, N) x (B, N, D): small, so exact).
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, token_ids, first):
+        set_logits = torch.bmm(features, F.embedding(token_ids, weight).transpose(1, 2))  # (B, N, K)
+        if bias is not None:
+            set_logits = set_logits + bias[token_ids].unsqueeze(1).to(set_logits.dtype)
+        if first is None:
+            first_logits = set_logits.new_empty(0)
+        else:
+            rows = torch.arange(features.shape[0], device=features.device)
+            first_logits = F.linear(features[rows, first], weight, bias)  # (B, V)
+        ctx.save_for_backward(features, weight, token_ids, first)
+        ctx.has_bias = bias is not None
+        return set_logits, first_logits
+
+    @staticmethod
+    def backward(ctx, grad_set, grad_first):
+        features, weight, token_ids, first = ctx.saved_tensors
+        need_features, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dtype = weight.dtype
+        grad_set = grad_set.to(dtype)  # (B, N, K)
+        inputs = features.to(dtype)  # (B, N, D)
+        grad_features = grad_weight = grad_bias = None
+        if need_features:
+            grad_features = torch.bmm(grad_set, F.embedding(token_ids, weight))  # (B, N, D)
+        if first is not None:
+            rows = torch.arange(features.shape[0], device=features.device)
+            grad_first = grad_first.to(dtype)  # (B, V)
+            if need_features:
+                grad_features[rows, first] += grad_first @ weight  # one first position per row
+            if need_weight:
+                grad_weight = grad_first.t() @ inputs[rows, first]  # (V, D): the one buffer
+            if need_bias and ctx.has_bias:
+                grad_bias = grad_first.sum(dim=0)
+        if need_weight:
+            grad_weight = weight.new_zeros(weight.shape) if grad_weight is None else grad_weight
+            grad_weight.index_add_(0, token_ids.flatten(), torch.bmm(grad_set.transpose(1, 2), inputs).flatten(0, 1))
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_set.new_zeros(weight.shape[0]) if grad_bias is None else grad_bias
+            grad_bias.index_add_(0, token_ids.flatten(), grad_set.sum(dim=1).flatten())
+        if grad_features is not None:
+            grad_features = grad_features.to(features.dtype)
+        return grad_features, grad_weight, grad_bias, None, None
+
+
 def smile_from_features(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -216,7 +276,9 @@ def smile_from_features(
     set (and, with first-token MLE, the full-vocabulary log-sum-exp at the row's first target position). So this
     gathers each row's K <= N output embeddings and computes (B, N, K) logits, plus (B, V) logits at the first
     positions: about N / (1 + K) times fewer head FLOPs than the (B, N, V) projection (K ~ 12, N ~ 40 on COCO).
-    Equal in value and gradient (w.r.t. ``features``, ``weight`` and ``bias``) to ``smile`` on the full logits.
+    Equal in value and gradient (w.r.t. ``features``, ``weight`` and ``bias``) to ``smile`` on the full logits. The
+    (V, D) gradient of ``weight`` is allocated once (``_SubsetHeadLogits``), as MLE's head does, so that SMILE stays
+    within MLE's memory at VLM vocabularies and widths.
 
     Args:
         features: (B, N, D) the head's transformed hidden states; ``features[:, t]`` predicts ``targets[:, t]``.
@@ -227,10 +289,9 @@ def smile_from_features(
     """
     valid = targets != IGNORE_INDEX
     token_ids, token_valid = row_token_sets(targets)  # (B, K) each, K = N
-    set_weight = F.embedding(token_ids, weight)  # (B, K, D)
-    set_logits = torch.bmm(features, set_weight.transpose(1, 2))  # (B, N, K)
-    if bias is not None:
-        set_logits = set_logits + bias[token_ids].unsqueeze(1).to(set_logits.dtype)
+    first = first_target_positions(targets) if first_token_mle else None
+    # (B, N, K) logits of each row's token set, and (B, V) at the first positions; one (V, D) weight gradient.
+    set_logits, first_logits = _SubsetHeadLogits.apply(features, weight, bias, token_ids, first)
     set_logits = _upcast(set_logits)
     # The label's slot in its row's set; ignored positions point at slot 0 and are masked out below.
     is_label = (token_ids.unsqueeze(1) == targets.unsqueeze(2)) & token_valid.unsqueeze(1)  # (B, N, K)
@@ -240,8 +301,7 @@ def smile_from_features(
     log_normaliser = scores.logsumexp(dim=2)  # (B, N)
     if first_token_mle:
         rows = torch.arange(targets.shape[0], device=targets.device)
-        first = first_target_positions(targets)
-        full_normaliser = _upcast(F.linear(features[rows, first], weight, bias)).logsumexp(dim=1)  # (B,)
+        full_normaliser = _upcast(first_logits).logsumexp(dim=1)  # (B,)
         is_first = torch.zeros_like(valid)
         is_first[rows, first] = True
         log_normaliser = torch.where(is_first, full_normaliser.unsqueeze(1), log_normaliser)

@@ -72,7 +72,9 @@ VLM_DIRECTORY_FILE = "vlm_captioner.json"  # written by export_directory beside 
 # Model types another family reads from a transformers folder (models/captioner.py: BLIP).
 OTHER_FAMILY_MODEL_TYPES = frozenset({"blip"})
 # model.vlm keys and their defaults (configs/default.yaml).
-VLM_OPTIONS = {"prompt": DEFAULT_PROMPT, "image_size": None, "end_token": None}
+VLM_OPTIONS = {"prompt": DEFAULT_PROMPT, "image_size": None, "end_token": None, "dtype": "float32"}
+# model.vlm.dtype -> the dtype of the weights on CUDA (on a machine without CUDA they stay float32).
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _CAPTION_MARKER = "CAPTIONMARKER"
 _MAX_CHECKPOINT_CHAIN = 16
 _QWEN_DEFAULT_SIDE = 448  # Qwen2-VL-style processors take any size: a square of this side (32 x 32 patches of 14)
@@ -129,6 +131,31 @@ def _size_field(size, key: str):
     if isinstance(size, dict):
         return size.get(key)
     return getattr(size, key, None)
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    """The dtype ``model.vlm.dtype`` loads the weights in: bfloat16 halves the weights' memory (and the
+    activations' under autocast) on CUDA; without CUDA the weights stay float32, since CPU bf16 matmuls are slow
+    and the CPU runs (tests, toy rows) are meant to be exact. AdamW on bf16 parameters rounds every update to 8
+    mantissa bits, LoRA adapters included (peft gives them their base layer's dtype), so bf16 trades update precision
+    for memory: a model that only fits that way, or a frozen base."""
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"model.vlm.dtype must be one of {list(WEIGHT_DTYPES)}, got {name!r}")
+    return WEIGHT_DTYPES[name] if torch.cuda.is_available() else torch.float32
+
+
+def enable_gradient_checkpointing(model, source: str | None = None) -> None:
+    """Non-reentrant activation checkpointing of ``model``'s layers (``model.gradient_checkpointing``): each
+    decoder (and vision) layer keeps only its input and recomputes its activations in the backward, in training
+    mode. transformers 5 renamed the switch to ``activation_checkpointing_enable`` (the old name warns); 4.57 has
+    only ``gradient_checkpointing_enable``."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"model.gradient_checkpointing: {source or type(model).__name__} "
+                         f"({type(model).__name__}) does not support gradient checkpointing in transformers")
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class VlmCaptioner(nn.Module):
@@ -196,20 +223,22 @@ class VlmCaptioner(nn.Module):
     @classmethod
     def from_source(cls, source: str | Path, what: str = "model.pretrained", **options) -> "VlmCaptioner":
         """Model and processor from a transformers folder or hub id (``AutoModelForImageTextToText``,
-        ``AutoProcessor``); ``options`` as the constructor's, plus ``gradient_checkpointing``."""
+        ``AutoProcessor``); ``options`` as the constructor's, plus ``gradient_checkpointing`` and ``dtype``
+        (``model.vlm.dtype``: "float32" or "bfloat16", the latter on CUDA only, see ``weight_dtype``)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         gradient_checkpointing = options.pop("gradient_checkpointing", False)
-        # float32 weights, as every family trains them (bf16 comes from autocast): transformers 5 would otherwise
-        # keep the dtype the folder was saved in (bf16 for most VLMs).
-        model = hub.from_pretrained(AutoModelForImageTextToText.from_pretrained, source, what, dtype=torch.float32)
+        dtype = weight_dtype(options.pop("dtype", None) or "float32")
+        # float32 weights by default, as every family trains them (bf16 comes from autocast): transformers 5 would
+        # otherwise keep the dtype the folder was saved in (bf16 for most VLMs).
+        model = hub.from_pretrained(AutoModelForImageTextToText.from_pretrained, source, what, dtype=dtype)
         processor = hub.from_pretrained(AutoProcessor.from_pretrained, source, what)
         if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
             raise ValueError(f"{what} {source}: its AutoProcessor ({type(processor).__name__}) lacks a tokenizer or "
                              "an image processor; model.family vlm needs both")
         captioner = cls(model, processor, source=str(source), **options)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model, str(source))
         return captioner
 
     @classmethod
@@ -217,12 +246,13 @@ class VlmCaptioner(nn.Module):
         """Build from a resolved config's ``model`` section (``model.family: vlm``): the model and processor of
         ``model.pretrained`` (a transformers folder or hub id; for one of this repository's checkpoints, the
         folder its own config started from, whose weights ``load_pretrained`` then replaces), with
-        ``model.vlm`` (prompt, image_size, end_token), ``max_text_length``, ``text_padding`` and
+        ``model.vlm`` (prompt, image_size, end_token, dtype), ``max_text_length``, ``text_padding`` and
         ``gradient_checkpointing``."""
         cls.check_config(model_config, toy=False)
         options = {**VLM_OPTIONS, **(model_config.get("vlm") or {})}
         return cls.from_source(base_source(model_config["pretrained"]), prompt=options["prompt"],
                                image_size=options["image_size"], end_token=options["end_token"],
+                               dtype=options["dtype"],
                                max_text_length=model_config.get("max_text_length", 40),
                                text_padding=model_config.get("text_padding", "longest"),
                                gradient_checkpointing=bool(model_config.get("gradient_checkpointing")))
@@ -230,7 +260,7 @@ class VlmCaptioner(nn.Module):
     @classmethod
     def check_config(cls, model_config: dict, toy: bool) -> None:
         """Reject a ``model`` section this family cannot build (ValueError): no ``model.pretrained``, an unknown
-        or mistyped ``model.vlm`` key."""
+        or mistyped ``model.vlm`` key (``dtype`` other than float32 / bfloat16)."""
         if not model_config.get("pretrained"):
             raise ValueError("model.pretrained: give a transformers image-text-to-text folder (or hub id) for "
                              "model.family vlm, e.g. --opt model.pretrained=HuggingFaceTB/SmolVLM-256M-Instruct "
@@ -244,6 +274,7 @@ class VlmCaptioner(nn.Module):
         size = options.get("image_size")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"model.vlm.image_size must be a positive integer or null, got {size!r}")
+        weight_dtype(options.get("dtype", VLM_OPTIONS["dtype"]))
 
     @classmethod
     def config_sources(cls, model_config: dict) -> list[tuple[str, str | dict | None, str]]:

@@ -172,3 +172,29 @@ def test_feature_path_matches_plain_on_cuda_bf16():
         fast, _ = caption_loss(captioner, objective, images, input_ids, attention_mask, targets)
         plain, _ = objective(captioner(images, input_ids, attention_mask), targets)
     torch.testing.assert_close(fast, plain, atol=5e-2, rtol=2e-2)
+
+
+def test_smile_from_features_allocates_the_weight_gradient_once():
+    """At VLM vocabularies the (V, D) gradient of the head's weight is the step's largest tensor (2.2 GB at
+    Qwen2-VL-7B's size). SMILE's backward allocates it once, as MLE's head does, not once per use of the weight (the
+    token-set gather and the first positions' projection) plus their sum: otherwise SMILE's peak memory exceeds
+    MLE's (benchmarks/bench_vlm_vocab.py)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    features, weight, bias, targets = _feature_inputs(vocab=300, width=7)
+    weight.requires_grad_()
+
+    class VocabularySized(TorchDispatchMode):
+        storages: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor) and tensor.shape == weight.shape:
+                    self.storages.add(tensor.untyped_storage().data_ptr())
+            return out
+
+    loss = smile_from_features(features.requires_grad_(), weight, bias.requires_grad_(), targets)
+    with VocabularySized() as mode:
+        (grad,) = torch.autograd.grad(loss, [weight])
+    assert mode.storages - {weight.untyped_storage().data_ptr()} == {grad.untyped_storage().data_ptr()}

@@ -395,3 +395,66 @@ def test_scst_with_smile_trains_through_generate_and_the_same_forward(tmp_path):
     step = steps.ScstStep(scst, CaptionObjective(token_spec), _LengthReward())
     loss, grads = _step_gradients(captioner.train(), step, _pixels(captioner, _images()), CAPTIONS, None)
     assert torch.isfinite(loss) and any(bool(grad.abs().sum() > 0) for grad in grads)
+
+
+def _loss_and_gradients(captioner, spec, pixels, input_ids, attention_mask):
+    captioner.zero_grad(set_to_none=True)
+    targets = captioner.build_targets(input_ids, attention_mask)
+    loss, _ = caption_loss(captioner, CaptionObjective(spec), pixels, input_ids, attention_mask, targets)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in captioner.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("spec", ["smile", {"mle": 0.5, "smile": 0.5}])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(spec, tmp_path):
+    """``model.gradient_checkpointing: true`` recomputes each decoder layer in the backward (its MLP runs twice per
+    step) and changes neither the loss nor any gradient, through the features path (SMILE) and the logits path."""
+    results = []
+    for checkpointing in (False, True):
+        captioner, _ = _build(tmp_path, "llava", gradient_checkpointing=checkpointing)
+        captioner.train()
+        mlp = captioner._backbone().language_model.layers[0].mlp
+        calls, forward = [], mlp.forward
+
+        def counted(*args, _forward=forward, _calls=calls, **kwargs):  # not a hook: transformers 5 keeps hooks out of the recompute
+            _calls.append(1)
+            return _forward(*args, **kwargs)
+
+        mlp.forward = counted
+        pixels = _pixels(captioner, _images())
+        input_ids, attention_mask = captioner.tokenize(CAPTIONS)
+        results.append(_loss_and_gradients(captioner, spec, pixels, input_ids, attention_mask))
+        assert len(calls) == (2 if checkpointing else 1)
+    (plain_loss, plain), (checkpointed_loss, checkpointed) = results
+    torch.testing.assert_close(checkpointed_loss, plain_loss, rtol=1e-6, atol=1e-7)
+    assert checkpointed.keys() == plain.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_weight_dtype_is_validated_and_float32_without_cuda(tmp_path):
+    from utils import ConfigError
+
+    bad = tmp_path / "bad_dtype.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"family": "vlm", "pretrained": str(tiny_vlm_folder("llava")),
+                                             "vlm": {"dtype": "float16"}}}))
+    with pytest.raises(ConfigError, match=r"model.vlm.dtype must be one of \['float32', 'bfloat16'\], got 'float16'"):
+        training.check_inputs(training.load_config(bad))
+    if not torch.cuda.is_available():  # bfloat16 applies on CUDA only: a CPU run keeps exact float32 weights
+        captioner, _ = _build(tmp_path, "llava", vlm={"prompt": PROMPT, "dtype": "bfloat16"})
+        assert {p.dtype for p in captioner.parameters()} == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model.vlm.dtype: bfloat16 applies on CUDA only")
+def test_bfloat16_weights_on_cuda_train_and_generate(tmp_path):
+    config = _config(tmp_path, "qwen2_vl", vlm={"prompt": PROMPT, "dtype": "bfloat16"})
+    captioner = training.build_captioner(config, torch.device("cuda"))
+    assert {p.dtype for p in captioner.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    pixels = _pixels(captioner, _images()).cuda()
+    captioner.train()
+    for spec in ("smile", "mle"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, grads = _loss_and_gradients(captioner, spec, pixels, *captioner.tokenize(CAPTIONS))
+        assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads.values())
+    captioner.eval()
+    assert len(captioner.generate(pixels, num_beams=2, max_length=6)) == 2
