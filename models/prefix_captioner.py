@@ -52,7 +52,7 @@ from .generation import check_generation_counts
 from .objectives import IGNORE_INDEX, HeadFeatures
 from .parameter_groups import weight_decay_groups
 from .prefix_mappers import PrefixMLP, TransformerMapper
-from .text_padding import after_first_end, check_text_padding, padded_length
+from .text_padding import after_first_end, check_text_padding, pad_rows, padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -438,12 +438,7 @@ class PrefixCaptioner(nn.Module):
         rows = [ids[:budget] + ([eos] if self.append_eos else [])
                 for ids in self.tokenizer(list(captions), add_special_tokens=False).input_ids]
         length = padded_length(max(map(len, rows)), self.max_text_length, padding or self.text_padding)
-        input_ids = torch.full((len(rows), length), eos, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, ids in enumerate(rows):
-            input_ids[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[index, : len(ids)] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
+        return pad_rows(rows, length, eos, self.device)
 
     def build_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Targets (B, T): every caption token (``!`` included), padding IGNORE_INDEX. The one place that masks."""

@@ -34,6 +34,18 @@ def padded_length(longest: int, max_text_length: int, padding: str) -> int:
     return longest
 
 
+def pad_rows(rows: list[list[int]], length: int, pad_id: int,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists (already truncated, none longer than ``length``) -> (B, ``length``) ids right-padded with
+    ``pad_id`` and their attention mask (1 on the tokens), on ``device``; the families' ``tokenize`` ends here."""
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for index, ids in enumerate(rows):  # one row at a time: a list per caption, never per token
+        input_ids[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[index, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def pad_to(input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
            pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) ids and mask right-padded to (B, ``length``) with ``pad_id`` and mask 0 (``length`` >= L)."""

@@ -63,7 +63,7 @@ from .checkpoint import CheckpointError
 from .generation import check_generation_counts
 from .objectives import IGNORE_INDEX, HeadFeatures
 from .parameter_groups import weight_decay_groups
-from .text_padding import after_first_end, check_text_padding, padded_length
+from .text_padding import after_first_end, check_text_padding, pad_rows, padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -521,12 +521,7 @@ class VlmCaptioner(nn.Module):
                 ids = prompt + self.tokenizer(self.separator + text, add_special_tokens=False).input_ids
             rows.append(ids[cut:][:budget] + [self.end_token_id])
         length = padded_length(max(map(len, rows)), self.max_text_length, padding or self.text_padding)
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, ids in enumerate(rows):
-            input_ids[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[index, : len(ids)] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
+        return pad_rows(rows, length, self.pad_token_id, self.device)
 
     def build_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Targets (B, T): every caption token and the end token; padding IGNORE_INDEX. The one place that masks
