@@ -41,7 +41,7 @@ import utils
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-INSTALL_HINT = "pip install -r requirements-extra.txt"
+INSTALL_HINT = "pip install -r requirements.txt"
 # What trains besides (or instead of) the adapters. null in the config: "adapter" when r is set, else "full".
 TRAIN_MODES = ("adapter", "adapter+projector", "projector", "full")
 ADAPTER_MODES = ("adapter", "adapter+projector")

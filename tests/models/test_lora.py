@@ -9,8 +9,6 @@ import torch
 import yaml
 from torch import nn
 
-pytest.importorskip("peft", reason="LoRA needs peft: pip install -r requirements-extra.txt")
-
 import train_caption  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
@@ -325,7 +323,7 @@ def test_bad_lora_sections_are_one_config_error(lora_section, message):
 
 def test_without_peft_a_lora_section_is_one_config_error_naming_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
-    with pytest.raises(utils.ConfigError, match="pip install -r requirements-extra.txt"):
+    with pytest.raises(utils.ConfigError, match="pip install -r requirements.txt"):
         lora.check_config({"pretrained": "base.safetensors", "lora": {"r": 8}})
     lora.check_config({"pretrained": None, "lora": {"r": None}})  # LoRA off needs no peft
 
