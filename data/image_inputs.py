@@ -405,10 +405,9 @@ def _parquet_items(unit: Unit, image_column: str, key_column: str | None) -> Ite
 
 def open_upright_rgb(payload: str | bytes) -> Image.Image:
     """The image (a path or the file's bytes) as 8-bit RGB turned upright, exactly as ``Captioner.preprocess``
-    gets it (``open_rgb(exif_transpose=True)``, then ``to_rgb(exif_transpose=True)``, a no-op on it)."""
+    gets it from a path (``Captioner.load_image``: ``open_rgb(exif_transpose=True)``)."""
     with Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload) as image:
-        rgb = to_rgb(image, exif_transpose=True)
-    return to_rgb(rgb, exif_transpose=True)
+        return to_rgb(image, exif_transpose=True)
 
 
 def failure_reason(error: BaseException) -> str:

@@ -130,10 +130,12 @@ class Captioner:
         tensors = []
         for image in images:
             if isinstance(image, (str, Path)):
-                image = self.load_image(image)
-            elif not isinstance(image, Image.Image):
+                image = self.load_image(image)  # already upright 8-bit RGB
+            elif isinstance(image, Image.Image):
+                image = to_rgb(image, exif_transpose=True)
+            else:
                 raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
-            tensors.append(self.transform(to_rgb(image, exif_transpose=True)))
+            tensors.append(self.transform(image))
         return torch.stack(tensors).to(self.device, non_blocking=True)
 
     @torch.no_grad()
