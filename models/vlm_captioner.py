@@ -264,7 +264,7 @@ class VlmCaptioner(nn.Module):
         if not model_config.get("pretrained"):
             raise ValueError("model.pretrained: give a transformers image-text-to-text folder (or hub id) for "
                              "model.family vlm, e.g. --opt model.pretrained=HuggingFaceTB/SmolVLM-256M-Instruct "
-                             "(a toy VLM built on first use is not available yet)")
+                             "(configs/toy/vlm_*.yaml name the toy VLM, cache/toy_vlm, built on first use)")
         options = model_config.get("vlm") or {}
         unknown = sorted(set(options) - set(VLM_OPTIONS))
         if unknown:
@@ -278,8 +278,9 @@ class VlmCaptioner(nn.Module):
 
     @classmethod
     def config_sources(cls, model_config: dict) -> list[tuple[str, str | dict | None, str]]:
-        """``model.pretrained``, which ``from_config`` loads the model and processor from (kind "vlm": no toy
-        stand-in is built for it), also when a resumed run does not load its weights."""
+        """``model.pretrained``, which ``from_config`` loads the model and processor from, also when a resumed run
+        does not load its weights. Kind "vlm": with ``data.toy``, a folder beside the toy set is the toy VLM, built
+        on first use (toy_pretrained/vlm.py)."""
         return [("model.pretrained", model_config.get("pretrained"), "vlm")]
 
     @classmethod

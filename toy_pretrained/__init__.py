@@ -1,9 +1,10 @@
-"""Toy stand-ins for the pre-trained CLIP and GPT-2, built from the toy dataset on first use and cached.
+"""Toy stand-ins for the pre-trained CLIP, GPT-2 and VLM, built from the toy dataset on first use and cached.
 
-The toy "pre-trained" BLIP is a training recipe (configs/toy/pretrain.yaml); these two are not captioners and
-not metrics, so they live here, beside both: ``toy_pretrained.clip`` and ``toy_pretrained.gpt2`` each train a
-tiny transformers model on the toy train split and save it, with its tokenizer, as an ordinary transformers
-directory that metrics/ loads like a hub model. `ensure_for_config` is what the toy flow calls
+The toy "pre-trained" BLIP is a training recipe (configs/toy/pretrain.yaml); these are transformers models that
+metrics/ and the captioner families load like hub models, so they live here, beside both: ``toy_pretrained.clip``,
+``toy_pretrained.gpt2`` and ``toy_pretrained.vlm`` (a tiny LLaVA on the toy CLIP's vision tower, for
+``model.family: vlm``) each train a tiny transformers model on the toy train split and save it, with its
+tokenizer or processor, as an ordinary transformers directory. `ensure_for_config` is what the toy flow calls
 (training.resolve_data_paths).
 """
 from __future__ import annotations
@@ -12,16 +13,20 @@ from pathlib import Path
 
 from toy_pretrained.clip import ToyClipRecipe, ensure_toy_clip
 from toy_pretrained.gpt2 import ToyGpt2Recipe, ensure_toy_gpt2
+from toy_pretrained.vlm import ToyVlmRecipe, ensure_toy_vlm
+
+# What a captioner family's config_sources kind names -> the builder of its toy stand-in.
+TOY_BUILDERS = {"clip": ensure_toy_clip, "gpt2": ensure_toy_gpt2, "vlm": ensure_toy_vlm}
 
 def _needs(config: dict, reward_clip: str | None = None) -> dict[str, set]:
-    """Which toy CLIP / GPT-2 folders this run will load: those of the ``eval.metrics`` groups that need a CLIP or
-    a language model (metrics/registry.py), ``reward_clip`` (the SCST rewards' CLIP, which the trainer reads from
-    the objective: training.steps.reward_clip_model), and the parts the captioner's family loads (its
-    ``config_sources`` of kind "clip" / "gpt2", e.g. a prefix LM's)."""
+    """Which toy CLIP / GPT-2 / VLM folders this run will load: those of the ``eval.metrics`` groups that need a
+    CLIP or a language model (metrics/registry.py), ``reward_clip`` (the SCST rewards' CLIP, which the trainer reads
+    from the objective: training.steps.reward_clip_model), and the parts the captioner's family loads (its
+    ``config_sources`` of kind "clip" / "gpt2" / "vlm", e.g. a prefix LM's parts or a VLM's model.pretrained)."""
     from metrics.registry import groups_needing
 
     groups = set(config["eval"]["metrics"])
-    needs = {"clip": set(), "gpt2": set()}
+    needs: dict[str, set] = {kind: set() for kind in TOY_BUILDERS}
     if groups & groups_needing("clip"):
         needs["clip"].add(config["eval"]["clip_model"])
     if reward_clip is not None:
@@ -50,12 +55,11 @@ def built_on_first_use(config: dict, source: str | Path) -> bool:
 
 
 def ensure_for_config(config: dict, reward_clip: str | None = None) -> list[Path]:
-    """Build the toy CLIP / GPT-2 a toy run needs; returns the folders built or checked.
+    """Build the toy CLIP / GPT-2 / VLM a toy run needs; returns the folders built or checked.
 
     A model is built (or its cache checked against the recipe) only when ``data.toy`` is set, the run needs it
-    (an ``eval.metrics`` group, the SCST rewards' ``reward_clip``, or a prefix captioner's ``model.prefix.clip`` /
-    ``gpt2``), and
-    the folder named there sits beside ``data.toy_root`` (the toy cache, e.g. ``cache/toy_clip`` beside
+    (an ``eval.metrics`` group, the SCST rewards' ``reward_clip``, a prefix captioner's ``model.prefix.clip`` /
+    ``gpt2``, or a VLM captioner's ``model.pretrained``), and the folder named there sits beside ``data.toy_root`` (the toy cache, e.g. ``cache/toy_clip`` beside
     ``cache/toy``) and is missing or holds a build of ours (a ``manifest.json``). Hub ids and other local models
     are left alone.
     """
@@ -64,12 +68,11 @@ def ensure_for_config(config: dict, reward_clip: str | None = None) -> list[Path
     toy_root = Path(config["data"]["toy_root"]).absolute()
     built = []
     for kind, sources in _needs(config, reward_clip).items():
-        ensure = ensure_toy_clip if kind == "clip" else ensure_toy_gpt2
         for source in sorted(sources):
             if built_on_first_use(config, source):
-                built.append(ensure(Path(source).absolute(), toy_root))
+                built.append(TOY_BUILDERS[kind](Path(source).absolute(), toy_root))
     return built
 
 
-__all__ = ["ToyClipRecipe", "ToyGpt2Recipe", "built_on_first_use", "ensure_for_config", "ensure_toy_clip",
-           "ensure_toy_gpt2"]
+__all__ = ["TOY_BUILDERS", "ToyClipRecipe", "ToyGpt2Recipe", "ToyVlmRecipe", "built_on_first_use",
+           "ensure_for_config", "ensure_toy_clip", "ensure_toy_gpt2", "ensure_toy_vlm"]

@@ -174,10 +174,15 @@ def reward_model_sources(objective) -> list[tuple[str, str]]:
 def _weights_source(config: dict, key: str, source: str) -> list[tuple[str, str]]:
     """Check the weights ``source`` (``model.pretrained`` or ``--checkpoint``) as far as it is local; returns it as a
     ``(key, hub id)`` pair when it must come from the hub (checked after every local path)."""
+    from toy_pretrained import TOY_BUILDERS, built_on_first_use
+
     model_config = config["model"]
     if hub.is_url(source):
         return [(key, source)]
-    if Path(source).expanduser().exists():
+    # A toy stand-in the family's weights come from (the toy VLM) is built later, by build_toy_assets.
+    toy_kinds = {kind for _, named, kind in captioner_family(model_config).config_sources(model_config)
+                 if named == source and kind in TOY_BUILDERS}
+    if Path(source).expanduser().exists() or (toy_kinds and built_on_first_use(config, source)):
         return []
     recipe = model_config["pretrained_recipe"] if key == "model.pretrained" else None
     if recipe:

@@ -312,9 +312,36 @@ def test_config_errors_name_the_key(tmp_path):
         _build(tmp_path, "llava", vlm={"prompt": PROMPT, "end_token": "two words"})
 
 
+def test_the_toy_vlm_config_builds_the_toy_vlm_on_first_use(tmp_path, monkeypatch):
+    """``python train_caption.py --config configs/toy/vlm_smile.yaml`` (shortened to 2 steps on 8 captions and 4
+    test images, the toy VLM's recipe made tiny) builds the toy VLM beside the toy set, then trains from it."""
+    import functools
+
+    import toy_pretrained
+    import train_caption
+    from data import ensure_toy_dataset
+    from toy_pretrained import ToyClipRecipe, ToyVlmRecipe
+
+    ensure_toy_dataset(tmp_path / "toy", num_train=8, num_val=2, num_test=4, seed=1)
+    tiny = ToyVlmRecipe(width=32, layers=1, heads=2, mlp=64, epochs=1, batch_size=8)
+    tiny_clip = ToyClipRecipe(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp=64, projection_dim=16,
+                              epochs=1, batch_size=8)
+    monkeypatch.setitem(toy_pretrained.TOY_BUILDERS, "vlm",
+                        functools.partial(toy_pretrained.ensure_toy_vlm, recipe=tiny, clip_recipe=tiny_clip))
+    options = [f"output_dir={tmp_path / 'run'}", f"data.toy_root={tmp_path / 'toy'}",
+               f"model.pretrained={tmp_path / 'toy_vlm'}", "train.epochs=1", "train.batch_size=20",
+               "train.checkpoint_every=0", "train.validate=false", "eval.metrics=[length, toy_grounding]",
+               "eval.max_length=6", "eval.num_beams=1"]
+    summary = train_caption.main(["--config", str(REPO / "configs" / "toy" / "vlm_smile.yaml"),
+                                  *[arg for option in options for arg in ("--opt", option)]])
+    assert json.loads((tmp_path / "toy_vlm" / "manifest.json").read_text())["generator"] == "smile-toy-vlm"
+    assert (tmp_path / "run" / "checkpoint_best.safetensors").is_file() and summary is not None
+    assert "ground_colour_shape" in json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+
+
 def test_the_toy_vlm_config_trains_and_evaluates_any_folder(tmp_path):
     """``python train_caption.py --config configs/toy/vlm_smile.yaml --opt model.pretrained=DIR`` (shortened to 2
-    steps on 8 captions and 4 test images) trains, saves and evaluates; without DIR it is one clear error."""
+    steps on 8 captions and 4 test images) trains, saves and evaluates; without a model it is one clear error."""
     import train_caption
     from data import ensure_toy_dataset
     from utils import ConfigError
@@ -325,9 +352,10 @@ def test_the_toy_vlm_config_trains_and_evaluates_any_folder(tmp_path):
     config = REPO / "configs" / "toy" / "vlm_smile.yaml"
     options = [f"output_dir={tmp_path / 'run'}", f"data.toy_root={tmp_path / 'toy'}", f"data.train_files=[{train_file}]",
                "train.epochs=1", "train.batch_size=4", "train.checkpoint_every=0", "eval.max_images=4",
-               "eval.metrics=[length]", "eval.max_length=6", "eval.num_beams=1"]
+               "eval.metrics=[length]", "eval.max_length=6", "eval.num_beams=1", "train.validate=false"]
     with pytest.raises(ConfigError, match="model.pretrained: give a transformers image-text-to-text folder"):
-        train_caption.main(["--config", str(config), *[arg for option in options for arg in ("--opt", option)]])
+        train_caption.main(["--config", str(config), *[arg for option in [*options, "model.pretrained=null"]
+                                                        for arg in ("--opt", option)]])
     options.append(f"model.pretrained={tiny_vlm_folder('llava')}")
     summary = train_caption.main(["--config", str(config), *[arg for option in options for arg in ("--opt", option)]])
     best = tmp_path / "run" / "checkpoint_best.safetensors"
