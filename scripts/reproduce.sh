@@ -13,14 +13,18 @@
 #              smile_no_first_token; coco: those, then the SCST rows scst_cider scst_clips scst_clips_cider
 #              scst_clips_grammar scst_clips_from_smile scst_clips_smile and the prefix-LM rows prefix_mle
 #              prefix_smile prefix_smile_from_mle prefix_transformer_mle prefix_transformer_smile; toy: mle smile
-#              mle_smile, the SCST rows, prefix_mle prefix_smile prefix_smile_from_mle). The table lists the rows of ROWS.
+#              mle_smile, the SCST rows, prefix_mle prefix_smile prefix_smile_from_mle, and the VLM rows vlm_mle
+#              vlm_smile vlm_smile_from_mle vlm_smile_lora). The table lists the rows of ROWS.
 #   RUNS_DIR   put row R's output in RUNS_DIR/R (default: the config's output_dir)
 #   SEEDS      seeds to repeat the SEED_ROWS over (default toy: 42 1 2; coco/flickr30k: none, each row runs once
 #              with its config's seed). The first seed runs in the row's own output folder, each other seed S in
-#              <output>_seed<S>; on the toy set every seed also pre-trains its own toy BLIP (a seed that reused
-#              one pre-trained model would hide what pre-training varies), seed 42 in TOY_PRETRAIN and seed S in
-#              TOY_PRETRAIN_seed<S>. The table shows those rows' mean over the seeds and a second table their
-#              min-max range; the other rows are single-seed and say so.
+#              <output>_seed<S>; on the toy set every seed of a row that starts from the toy BLIP
+#              (model.pretrained_recipe: configs/toy/pretrain.yaml) also pre-trains its own toy BLIP (a seed that
+#              reused one pre-trained model would hide what pre-training varies), seed 42 in TOY_PRETRAIN and seed
+#              S in TOY_PRETRAIN_seed<S>. A row that starts from another seed row's output (vlm_smile_from_mle
+#              from vlm_mle) starts seed S from that row's seed S. The VLM rows' seeds share the one toy VLM
+#              (cache/toy_vlm, its recipe's seed). The table shows those rows' mean over the seeds and a second
+#              table their min-max range; the other rows are single-seed and say so.
 #   SEED_ROWS  rows repeated over SEEDS (default toy: mle smile mle_smile; others: every row)
 #   TOY_PRETRAIN  the toy pre-trained model's folder (default cache/toy_pretrain, the fine-tuning configs'
 #              model.pretrained); another folder keeps a study apart, e.g. one run with OMP_NUM_THREADS=1
@@ -31,6 +35,9 @@
 #   SKIP_DONE  1: keep a row whose test_metrics.json exists instead of training it again (default 0)
 #   CHECK_DATA 0: skip the prepare_data.py --check-only pass over the images before the first row (default 1)
 #   RESULTS    the markdown file to write (default results/<dataset>.md)
+#   SECTION    a heading, e.g. "VLM rows": write the tables as the section "## <SECTION>" of RESULTS (replacing
+#              that section, or appended; the rest of the file is kept) instead of the whole file, and the plots
+#              as <RESULTS without .md>_<section as a slug>_{metrics,lengths}.png
 #   LEX_DIV    the statistic of the table's Lex. Div. column: distinct_1 (default), distinct_2, vocab_size, ttr
 #   NPROC, NNODES, ... as scripts/train.sh.
 #
@@ -50,6 +57,7 @@ COMMAND_ARGS="$*"
 # Self-critical rows start from the MLE (or SMILE) row's best checkpoint, so they come after those rows.
 RL_ROWS="scst_cider scst_clips scst_clips_cider scst_clips_grammar scst_clips_from_smile scst_clips_smile"
 PREFIX_ROWS="prefix_mle prefix_smile prefix_smile_from_mle"
+VLM_ROWS="vlm_mle vlm_smile vlm_smile_from_mle vlm_smile_lora"
 case "$DATASET" in
   coco)
     ALL_ROWS="mle smile mle_smile random_subset reverse_subset smile_no_first_token $RL_ROWS $PREFIX_ROWS prefix_transformer_mle prefix_transformer_smile"
@@ -59,7 +67,7 @@ case "$DATASET" in
     ALL_ROWS="mle smile mle_smile random_subset reverse_subset smile_no_first_token"
     DEFAULT_METRICS="coco,length,diversity,retrieval,clipscore,ppl" ;;
   toy)
-    ALL_ROWS="mle smile mle_smile $RL_ROWS $PREFIX_ROWS"
+    ALL_ROWS="mle smile mle_smile $RL_ROWS $PREFIX_ROWS $VLM_ROWS"
     DEFAULT_METRICS="" ;;
   *) echo "reproduce.sh: unknown dataset '$DATASET'" >&2; usage ;;
 esac
@@ -96,6 +104,8 @@ declare -A NAMES=(
   [prefix_smile]="Prefix LM (ClipCap) SMILE" [prefix_smile_from_mle]="Prefix LM (ClipCap) MLE, then SMILE"
   [prefix_transformer_mle]="Prefix LM, transformer mapper, MLE"
   [prefix_transformer_smile]="Prefix LM, transformer mapper, SMILE"
+  [vlm_mle]="Toy VLM (LLaVA) MLE" [vlm_smile]="Toy VLM (LLaVA) SMILE"
+  [vlm_smile_from_mle]="Toy VLM (LLaVA) MLE, then SMILE" [vlm_smile_lora]="Toy VLM (LLaVA) SMILE, LoRA r 8"
 )
 
 # Resolve every row's config in one process before any training (this validates each config and override) and
@@ -116,11 +126,15 @@ runs_dir = os.environ.get("RUNS_DIR")
 for row, path in zip(os.environ["ROWS"].split(), os.environ["CONFIGS"].split()):
     overrides = sys.argv[1:] + ([f"output_dir={runs_dir}/{row}"] if runs_dir else [])
     config = training.load_config(path, overrides)
-    print(row, config["output_dir"], config["data"]["image_root"], config["data"]["val_file"], sep="\t")
+    model = config["model"]
+    print(row, config["output_dir"], config["data"]["image_root"], config["data"]["val_file"],
+          model.get("pretrained") or "-", model.get("pretrained_recipe") or "-", sep="\t")
 EOF
 )
-declare -A OUTDIR
-while IFS=$'\t' read -r row out root file; do OUTDIR[$row]=$out; IMAGE_ROOT=$root; VAL_FILE=$file; done <<< "$resolved"
+declare -A OUTDIR PRETRAINED RECIPE
+while IFS=$'\t' read -r row out root file pretrained recipe; do
+  OUTDIR[$row]=$out; IMAGE_ROOT=$root; VAL_FILE=$file; PRETRAINED[$row]=$pretrained; RECIPE[$row]=$recipe
+done <<< "$resolved"
 declare -A ROW_OF
 for row in $ROWS; do
   other=${ROW_OF[${OUTDIR[$row]}]:-}
@@ -190,10 +204,17 @@ for row in $ROWS; do
     out=$base_out
     [[ $index -gt 0 ]] && out="${base_out}_seed$seed"
     extra=("seed=$seed" "output_dir=$out")
-    if [[ "$DATASET" == toy ]]; then
+    if [[ "$DATASET" == toy && "${RECIPE[$row]}" == configs/toy/pretrain.yaml ]]; then
       pretrain=${TOY_PRETRAIN:-cache/toy_pretrain}
       [[ "$seed" != 42 ]] && pretrain="${pretrain}_seed$seed"
       extra+=("model.pretrained=$pretrain/checkpoint_best.safetensors")
+    elif [[ $index -gt 0 ]]; then
+      # Starting from another seed row's output: that row's run of the same seed.
+      for other in $ROWS; do
+        if [[ "$other" != "$row" && "${PRETRAINED[$row]}" == "${OUTDIR[$other]}/"* ]] && is_seed_row "$other"; then
+          extra+=("model.pretrained=${OUTDIR[$other]}_seed$seed/${PRETRAINED[$row]#"${OUTDIR[$other]}/"}")
+        fi
+      done
     fi
     run_row "$row" "$out" "${extra[@]}"
     taken+=("$TAKEN"); row_files+=("$out/test_metrics.json")
@@ -217,15 +238,19 @@ table=$("$PYTHON" scripts/make_table.py "${files[@]}" --names "${names[@]}" --le
 
 mkdir -p "$(dirname "$RESULTS")"
 {
-  case "$DATASET" in
-    coco) echo "# MSCOCO, Karpathy test split" ;;
-    flickr30k) echo "# Flickr30K, Karpathy test split" ;;
-    toy) echo "# Toy dataset, test split" ;;
-  esac
+  if [[ -n "${SECTION:-}" ]]; then
+    echo "## $SECTION"
+  else
+    case "$DATASET" in
+      coco) echo "# MSCOCO, Karpathy test split" ;;
+      flickr30k) echo "# Flickr30K, Karpathy test split" ;;
+      toy) echo "# Toy dataset, test split" ;;
+    esac
+  fi
   echo
   # The variables that change what runs or its numbers (the thread count changes float rounding).
   settings=""
-  for name in ROWS SEEDS SEED_ROWS RUNS_DIR TOY_PRETRAIN METRICS NPROC OMP_NUM_THREADS; do
+  for name in ROWS SEEDS SEED_ROWS RUNS_DIR TOY_PRETRAIN METRICS NPROC OMP_NUM_THREADS SECTION; do
     if value=$(printenv "$name"); then settings+="$name=\"$value\" "; fi
   done
   echo "Written by \`${settings}bash scripts/reproduce.sh $DATASET${COMMAND_ARGS:+ $COMMAND_ARGS}\` on $(date -u '+%Y-%m-%d %H:%M UTC')," \
@@ -254,7 +279,8 @@ mkdir -p "$(dirname "$RESULTS")"
        "(NPROC=${NPROC:-all visible GPUs, or 1 without CUDA}); \"-\" means the row was reused (SKIP_DONE=1)."
   if [[ "$DATASET" == toy ]]; then
     echo "A seed's first toy row includes pre-training that seed's toy BLIP, and the first row also training the toy" \
-         "CLIP and GPT-2, when cache/ held none. A row's seeds' times are separated by /."
+         "CLIP and GPT-2, when cache/ held none; the first VLM row includes building the toy VLM (cache/toy_vlm)" \
+         "when it was missing. A row's seeds' times are separated by /."
   fi
   if [[ "$DATASET" == coco ]]; then
     cat <<'EOF'
@@ -272,14 +298,21 @@ in its header) is not necessarily the same quantity; each row's test_metrics.jso
 EOF
   fi
 } > "$RESULTS.tmp"
-mv "$RESULTS.tmp" "$RESULTS"
-echo "wrote $RESULTS"
+if [[ -n "${SECTION:-}" ]]; then
+  "$PYTHON" scripts/write_section.py "$RESULTS" "$RESULTS.tmp"
+  rm -f "$RESULTS.tmp"
+  echo "wrote the section \"## $SECTION\" of $RESULTS"
+else
+  mv "$RESULTS.tmp" "$RESULTS"
+  echo "wrote $RESULTS"
+fi
 cat "$RESULTS"
 
 # The plots come after the table, so one that fails (e.g. no matplotlib) costs nothing already written.
 results_files=()
 for row in $ROWS; do results_files+=("${OUTDIR[$row]}/test_results.json"); done  # a seed row: its first seed
 PLOTS=${RESULTS%.md}
+[[ -n "${SECTION:-}" ]] && PLOTS="${PLOTS}_$(tr -cs 'A-Za-z0-9' '_' <<< "${SECTION,,}" | sed 's/^_*//; s/_*$//')"
 case "$DATASET" in
   coco) title="MSCOCO Karpathy test split" ;; flickr30k) title="Flickr30K Karpathy test split" ;;
   toy) title="toy test split" ;;

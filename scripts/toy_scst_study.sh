@@ -229,20 +229,5 @@ PY
 } > "$section"
 
 # Replace the section if RESULTS has one (up to the next "## " heading), else append it.
-"$PYTHON" - "$section" <<'PY'
-import os
-import sys
-from pathlib import Path
-
-path, new = Path(os.environ["RESULTS"]), Path(sys.argv[1]).read_text()
-text = path.read_text()
-head = "## Self-critical rows (SCST), seeds 42, 1, 2"
-if head in text:
-    start = text.index(head)
-    end = text.find("\n## ", start + len(head))
-    text = text[:start] + new + (text[end + 1:] if end != -1 else "")
-else:
-    text = text.rstrip("\n") + "\n\n" + new
-path.write_text(text)
-PY
+"$PYTHON" scripts/write_section.py "$RESULTS" "$section"
 echo "wrote the SCST section of $RESULTS from the runs in $R"
