@@ -26,6 +26,7 @@ from pathlib import Path
 
 import training
 import utils
+from metrics.clip_metrics import CLIP_LONG_TEXT
 from metrics.registry import ALL_METRICS, DEFAULT_METRICS
 
 
@@ -49,6 +50,10 @@ def parse_args(argv=None):
                            "share one CLIP pass over the images)")
     file_mode.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
     file_mode.add_argument("--ppl-model", default="gpt2")
+    file_mode.add_argument("--clip-long-text", choices=CLIP_LONG_TEXT, default="truncate",
+                           help="a caption longer than the CLIP's text window: truncate (the paper's metrics) or "
+                                "chunks (sentences or pieces within the window, their embeddings averaged; "
+                                "docs/evaluation.md)")
     file_mode.add_argument("--out", help="write the metrics JSON here")
     file_mode.add_argument("--length-plot", help="write the caption-length histogram (PNG) here instead")
     args = parser.parse_args(argv)
@@ -74,7 +79,8 @@ def main(argv=None) -> dict:
             {"--results": args.results, "--annotations": args.annotations, "--finecapeval": args.finecapeval,
              "--instances": args.instances}, args.images_root, groups, args.clip_model, args.ppl_model)
         options = MetricOptions(images_root=args.images_root, clip_model=args.clip_model, ppl_model=args.ppl_model,
-                                finecapeval=args.finecapeval, instances=args.instances)
+                                finecapeval=args.finecapeval, instances=args.instances,
+                                clip_long_text=args.clip_long_text)
         metrics = score_results_file(args.results, args.annotations, groups, options, out=args.out)
         print(json.dumps(metrics, indent=2))
         plot = args.length_plot or length_plot_path(args.results, Path(args.out).parent if args.out else None)

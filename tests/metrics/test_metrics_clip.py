@@ -1,4 +1,5 @@
 """metrics/clip_metrics.py against naive, one-item-at-a-time implementations of each definition."""
+import json
 import random
 
 import pytest
@@ -423,3 +424,25 @@ def test_metric_session_reads_long_captions_by_the_option(tiny_clip_dir, image_d
         assert {k: scores[k] for k in retrieval} == pytest.approx(retrieval, abs=1e-9)
     with pytest.raises(ValueError, match=r"clip_long_text \(MetricOptions, eval.clip_long_text\) must be one of"):
         MetricOptions(clip_long_text="sentences")
+
+
+def test_eval_caption_results_mode_reads_long_captions_as_asked(tmp_path, image_paths, tiny_clip_dir):
+    """``eval_caption.py --results ... --clip-long-text chunks`` scores a results file as eval.clip_long_text does a
+    run: the long caption's CLIPScore changes, the short one's does not, and the cut share is reported both ways."""
+    import eval_caption
+
+    gt = {"images": [{"id": index, "file_name": path.name} for index, path in enumerate(image_paths[:2])],
+          "annotations": [{"image_id": index, "id": index, "caption": "a dog"} for index in range(2)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps([{"image_id": 0, "caption": LONG},
+                                                       {"image_id": 1, "caption": "a dog on the grass"}]))
+    scores = {}
+    for mode in ("truncate", "chunks"):
+        scores[mode] = eval_caption.main(
+            ["--results", str(tmp_path / "results.json"), "--annotations", str(tmp_path / "gt.json"),
+             "--images-root", str(image_paths[0].parent), "--metrics", "clipscore", "--clip-model",
+             str(tiny_clip_dir), "--clip-long-text", mode, "--out", str(tmp_path / f"{mode}.json")])
+        assert scores[mode]["clip_truncated_share"] == pytest.approx(50.0)
+    assert scores["chunks"]["CLIPScore"] != pytest.approx(scores["truncate"]["CLIPScore"], abs=1e-4)
+    with pytest.raises(SystemExit):
+        eval_caption.main(["--results", "r.json", "--annotations", "g.json", "--clip-long-text", "middle"])
