@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
+
 import utils
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,40 @@ def ensure_built(folder: str | Path, recipe: dict, required: Iterable[str],
         manifest = utils.build_folder(folder, write)
         logger.info("built %s in %.1f s: %s", folder, manifest["build_seconds"], manifest["report"])
     return folder
+
+
+def train_in_epochs(parameters, num_examples: int, recipe, loss_of_batch: Callable, generator, what: str,
+                    max_grad_norm: float | None = None) -> tuple[list[float], int]:
+    """The toy builders' training loop: AdamW (``recipe.lr``, ``recipe.weight_decay``) with a linear warmup over
+    ``recipe.warmup_fraction`` of the steps then a cosine to 0, for ``recipe.epochs`` epochs; each epoch draws a
+    permutation of ``num_examples`` from ``generator`` and calls ``loss_of_batch(index)`` (index: (B,) long, B =
+    ``recipe.batch_size`` at most, the last incomplete batch dropped) for a scalar loss to step on. Gradients are
+    clipped at ``max_grad_norm`` when given. The caller puts the model in train mode.
+
+    Returns:
+        (the losses of every step, steps per epoch).
+    """
+    parameters = [p for p in parameters if p.requires_grad]
+    batch = min(recipe.batch_size, num_examples)
+    steps_per_epoch = num_examples // batch
+    total = recipe.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, total, max(1, int(recipe.warmup_fraction * total))))
+    losses: list[float] = []
+    for epoch in range(recipe.epochs):
+        order = torch.randperm(num_examples, generator=generator)
+        for step in range(steps_per_epoch):
+            loss = loss_of_batch(order[step * batch:(step + 1) * batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        logger.info("%s epoch %d: loss %.3f", what, epoch, sum(losses[-steps_per_epoch:]) / steps_per_epoch)
+    return losses, steps_per_epoch
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:

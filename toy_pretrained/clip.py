@@ -27,8 +27,8 @@ import torch
 
 from data.toy import toy_paths
 
-from ._build import BOS, EOS, UNK, FORMAT_VERSION, cosine_with_warmup, ensure_built, read_json, save_tokenizer, \
-    toy_dataset_manifest, toy_words, word_level_tokenizer
+from ._build import BOS, EOS, UNK, FORMAT_VERSION, ensure_built, read_json, save_tokenizer, toy_dataset_manifest, \
+    toy_words, train_in_epochs, word_level_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -129,36 +129,24 @@ def build_toy_clip(folder: Path, train_file: Path, image_root: Path, recipe: Toy
     prefixed_mask = (torch.arange(recipe.context_length) <= first_eos(prefixed)).long()
 
     num_images, num_refs = plain.shape[:2]
-    batch = min(recipe.batch_size, num_images)
-    steps_per_epoch = num_images // batch
-    total = recipe.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, total, max(1, int(recipe.warmup_fraction * total))))
+
+    def loss_of_batch(index: torch.Tensor) -> torch.Tensor:  # (B,) images, each with a reference drawn at random
+        ref = torch.randint(num_refs, (len(index),), generator=generator)
+        use_prefix = (torch.rand(len(index), generator=generator) < recipe.prefix_probability)[:, None]
+        input_ids = torch.where(use_prefix, prefixed[index, ref], plain[index, ref])  # (B, T)
+        mask = torch.where(use_prefix, prefixed_mask[index, ref], plain_mask[index, ref])
+        keep = int(mask.sum(1).max())
+        return model(input_ids=input_ids[:, :keep], attention_mask=mask[:, :keep], pixel_values=pixels[index],
+                     return_loss=True).loss
+
     model.train()
-    losses = []
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(num_images, generator=generator)
-        for step in range(steps_per_epoch):
-            index = order[step * batch:(step + 1) * batch]  # (B,)
-            ref = torch.randint(num_refs, (len(index),), generator=generator)
-            use_prefix = (torch.rand(len(index), generator=generator) < recipe.prefix_probability)[:, None]
-            input_ids = torch.where(use_prefix, prefixed[index, ref], plain[index, ref])  # (B, T)
-            mask = torch.where(use_prefix, prefixed_mask[index, ref], plain_mask[index, ref])
-            keep = int(mask.sum(1).max())
-            loss = model(input_ids=input_ids[:, :keep], attention_mask=mask[:, :keep], pixel_values=pixels[index],
-                         return_loss=True).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        logger.info("toy CLIP epoch %d: loss %.3f", epoch, sum(losses[-steps_per_epoch:]) / steps_per_epoch)
+    losses, steps_per_epoch = train_in_epochs(model.parameters(), num_images, recipe, loss_of_batch, generator,
+                                              "toy CLIP")
     model.eval()
     model.save_pretrained(folder)
     save_tokenizer(tokenizer, folder)
     processor.save_pretrained(folder)
-    report = {"train_images": num_images, "steps": total, "final_loss": round(sum(losses[-steps_per_epoch:]) /
+    report = {"train_images": num_images, "steps": len(losses), "final_loss": round(sum(losses[-steps_per_epoch:]) /
                                                                               steps_per_epoch, 4)}
     if test_file is not None and test_gt is not None:
         report.update(retrieval_report(folder, test_file, test_gt, image_root))

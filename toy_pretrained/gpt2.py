@@ -19,8 +19,8 @@ import torch
 
 from data.toy import toy_paths
 
-from ._build import EOS, UNK, FORMAT_VERSION, cosine_with_warmup, ensure_built, read_json, save_tokenizer, \
-    toy_dataset_manifest, toy_words, word_level_tokenizer
+from ._build import EOS, UNK, FORMAT_VERSION, ensure_built, read_json, save_tokenizer, toy_dataset_manifest, \
+    toy_words, train_in_epochs, word_level_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,31 +79,19 @@ def build_toy_gpt2(folder: Path, train_file: Path, recipe: ToyGpt2Recipe, test_f
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     model = GPT2LMHeadModel(config)
-    batch = min(recipe.batch_size, len(ids))
-    steps_per_epoch = len(ids) // batch
-    total = recipe.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, total, max(1, int(recipe.warmup_fraction * total))))
+
+    def loss_of_batch(index: torch.Tensor) -> torch.Tensor:
+        keep = int(mask[index].sum(1).max())
+        return model(input_ids=sequences[index, :keep], attention_mask=mask[index, :keep],
+                     labels=labels[index, :keep]).loss
+
     model.train()
-    losses = []
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(len(ids), generator=generator)
-        for step in range(steps_per_epoch):
-            index = order[step * batch:(step + 1) * batch]
-            keep = int(mask[index].sum(1).max())
-            loss = model(input_ids=sequences[index, :keep], attention_mask=mask[index, :keep],
-                         labels=labels[index, :keep]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        logger.info("toy GPT-2 epoch %d: loss %.3f", epoch, sum(losses[-steps_per_epoch:]) / steps_per_epoch)
+    losses, steps_per_epoch = train_in_epochs(model.parameters(), len(ids), recipe, loss_of_batch, generator,
+                                              "toy GPT-2")
     model.eval()
     model.save_pretrained(folder)
     save_tokenizer(tokenizer, folder)
-    report = {"train_captions": len(ids), "steps": total,
+    report = {"train_captions": len(ids), "steps": len(losses),
               "final_loss": round(sum(losses[-steps_per_epoch:]) / steps_per_epoch, 4)}
     if test_file is not None:
         report.update(perplexity_report(folder, _captions(test_file, "toy test file"), recipe.seed))

@@ -31,8 +31,8 @@ import torch
 
 from data.toy import toy_paths
 
-from ._build import EOS, FORMAT_VERSION, UNK, cosine_with_warmup, ensure_built, read_json, save_tokenizer, \
-    toy_dataset_manifest, toy_words, word_level_tokenizer
+from ._build import EOS, FORMAT_VERSION, UNK, ensure_built, read_json, save_tokenizer, toy_dataset_manifest, \
+    toy_words, train_in_epochs, word_level_tokenizer
 from .clip import ToyClipRecipe, ensure_toy_clip
 
 logger = logging.getLogger(__name__)
@@ -152,34 +152,21 @@ def build_toy_vlm(folder: Path, clip_dir: Path, paths: dict, recipe: ToyVlmRecip
     pixels, image_rows = _pixel_table(image_paths, paths["image_root"], captioner.eval_transform())
 
     generator = torch.Generator().manual_seed(recipe.seed)
-    batch = min(recipe.batch_size, len(captions))
-    steps_per_epoch = len(captions) // batch
-    total = recipe.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(captioner.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, total, max(1, int(recipe.warmup_fraction * total))))
+
+    def loss_of_batch(index: torch.Tensor) -> torch.Tensor:  # (B,) references
+        input_ids, mask = captioner.tokenize([captions[i] for i in index.tolist()])
+        targets = captioner.build_targets(input_ids, mask)
+        logits = captioner(pixels[image_rows[index]], input_ids, mask)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
     captioner.train()
-    losses = []
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(len(captions), generator=generator)
-        for step in range(steps_per_epoch):
-            index = order[step * batch:(step + 1) * batch]
-            input_ids, mask = captioner.tokenize([captions[i] for i in index.tolist()])
-            targets = captioner.build_targets(input_ids, mask)
-            logits = captioner(pixels[image_rows[index]], input_ids, mask)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(captioner.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        logger.info("toy VLM epoch %d: loss %.3f", epoch, sum(losses[-steps_per_epoch:]) / steps_per_epoch)
+    losses, steps_per_epoch = train_in_epochs(captioner.parameters(), len(captions), recipe, loss_of_batch,
+                                              generator, "toy VLM", max_grad_norm=1.0)
     captioner.eval()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     save_tokenizer(processor.tokenizer, folder)
-    report = {"train_captions": len(captions), "steps": total,
+    report = {"train_captions": len(captions), "steps": len(losses),
               "final_loss": round(sum(losses[-steps_per_epoch:]) / steps_per_epoch, 4)}
     report.update(val_report(captioner, paths))
     return report
