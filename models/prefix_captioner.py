@@ -425,6 +425,17 @@ class PrefixCaptioner(nn.Module):
             vision.train(was_training)
         return features.float().cpu()
 
+    def fsdp_replicated(self) -> list[nn.Module]:
+        """What ``train.sharding: fsdp`` keeps whole on every process (training/sharding.py): the frozen image tower.
+
+        The feature cache hashes its weights on every rank (``cached_feature_key``) and runs it on one rank outside
+        ``forward`` (``encode_cache_batch``), where no other rank takes part in an all-gather; frozen, it has no
+        gradients or AdamW moments for FSDP to split, only its weights. A tower that trains (``train_vision``) is
+        sharded like the rest (its features are then never cached).
+        """
+        vision = self.model.vision
+        return [] if vision is None or self.config.train_vision else [vision]
+
     # ---------------------------------------------------------------------------------------------- text
 
     def tokenize(self, captions: list[str], padding: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

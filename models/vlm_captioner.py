@@ -175,6 +175,11 @@ class VlmCaptioner(nn.Module):
         source: where the model came from (a folder or hub id), for ``load_pretrained`` and messages.
     """
 
+    # A stock VLM trains parameters its captioning loss never reaches (LLaVA's CLIP ``post_layernorm``, and the
+    # vision layers after ``vision_feature_layer``), so DDP must look for gradient-less parameters every step
+    # (training/sharding.py); otherwise it waits for their gradients and fails at the next step.
+    ddp_find_unused_parameters = True
+
     def __init__(self, model, processor, prompt: str = DEFAULT_PROMPT, image_size: int | None = None,
                  end_token: str | None = None, max_text_length: int = 40, text_padding: str = "longest",
                  source: str | None = None):

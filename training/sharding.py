@@ -10,7 +10,9 @@ whose children all share one class: BERT's ``encoder.layer``, ViT's ``encoder.la
 name its own with a ``fsdp_blocks()`` method), then the captioner itself is the root unit. The root is the
 captioner rather than its ``.model`` because the captioner's ``forward`` (the entry the training step calls)
 reaches parameters outside any block directly, e.g. the output head's weight in the SMILE-aware head; the root's
-forward hook gathers exactly those.
+forward hook gathers exactly those. A family may also name modules to keep whole on every process with a
+``fsdp_replicated()`` method (the prefix family's frozen CLIP tower, which the feature cache runs on one rank
+outside ``forward``): FSDP ignores their parameters (plain tensors, never all-gathered), so they must be frozen.
 
 Generation runs with every parameter gathered (``full_parameters``): each rank generates its own images, for its
 own number of decoding steps and batches, so per-block all-gathers would be issued a different number of times on
@@ -23,7 +25,12 @@ The cost: generation holds the whole model (parameters only, not gradients or op
 Checkpoints (``gather_full_state`` / ``load_full_model_state``, ``load_full_optimizer_state``): gathered on rank 0 with
 ``torch.distributed.checkpoint.state_dict`` (full state dict, offloaded to CPU) and written in this repository's
 one-file format (training/checkpoints.py), so a checkpoint saved under FSDP loads into one process
-(``Captioner.from_pretrained``, eval_caption.py) and resumes under FSDP (broadcast from rank 0) or DDP.
+(``Captioner.from_pretrained``, eval_caption.py) and resumes under FSDP (broadcast from rank 0) or DDP, and a DDP or
+one-process checkpoint resumes under FSDP; tests/training/test_sharding_families.py checks each direction against an
+uninterrupted one-process run for the prefix and vlm families.
+
+DDP (``wrap_for_training``): a family whose loss leaves some trained parameters without a gradient (the vlm family:
+LLaVA's unused CLIP ``post_layernorm``) sets ``ddp_find_unused_parameters = True``; FSDP2 needs no such flag.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
@@ -66,7 +74,10 @@ def wrap_for_training(captioner: nn.Module, config: dict, device: torch.device) 
             logger.info("train.sharding: fsdp with one process: nothing to shard, the model is trained whole")
         return captioner
     if mode == "ddp":
-        return DistributedDataParallel(captioner, device_ids=[device.index] if device.type == "cuda" else None)
+        # A family whose loss leaves some trained parameters without a gradient says so (the vlm family): DDP then
+        # finds them each step (a pass over the autograd graph) instead of waiting for their gradients.
+        return DistributedDataParallel(captioner, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=getattr(captioner, "ddp_find_unused_parameters", False))
     check_fsdp_config(config)
     shard_captioner(captioner, device)
     return captioner
@@ -118,12 +129,14 @@ def shard_captioner(captioner: nn.Module, device: torch.device) -> None:
     and frees them block by block, and its generation methods run with all of them gathered (module docstring).
     """
     mesh = init_device_mesh(device.type, (utils.get_world_size(),))
+    replicated = replicated_parameters(captioner)
     # A family may name its blocks (a captioner method); else the generic search over its transformers model.
     blocks = list(captioner.fsdp_blocks()) if hasattr(captioner, "fsdp_blocks") else repeated_blocks(captioner.model)
+    blocks = _outside(blocks, replicated)
     _check_no_shared_parameters(captioner, blocks)
     for block in blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(captioner, mesh=mesh)
+    fully_shard(captioner, mesh=mesh, ignored_params=replicated or None)
     # FSDP initialises its units on the root's first forward; a block that runs first (SCST samples, or validation
     # generates, before any training forward) would make itself a root. Initialise from the real root now.
     captioner._get_fsdp_state()._lazy_init()
@@ -132,9 +145,41 @@ def shard_captioner(captioner: nn.Module, device: torch.device) -> None:
         if method is not None:
             setattr(captioner, name, _with_full_parameters(captioner, method))
     count = sum(p.numel() for p in captioner.parameters())
-    logger.info("train.sharding: fsdp over %d processes: %d blocks + the root, %d parameters, %d per process",
-                utils.get_world_size(), len(blocks), count,
-                sum(p.to_local().numel() for p in captioner.parameters()))
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in captioner.parameters())
+    logger.info("train.sharding: fsdp over %d processes: %d blocks + the root, %d parameters (%d kept whole), %d "
+                "per process", utils.get_world_size(), len(blocks), count, sum(p.numel() for p in replicated), local)
+
+
+def replicated_parameters(captioner: nn.Module) -> set[nn.Parameter]:
+    """The parameters of the modules the family keeps whole on every process (its ``fsdp_replicated()``, if any).
+
+    FSDP ignores them: no sharding and no gradient reduction, so they must be frozen (a trained one would drift
+    apart on the ranks); a ValueError names any that is not.
+    """
+    modules = list(captioner.fsdp_replicated()) if hasattr(captioner, "fsdp_replicated") else []
+    parameters = {p for module in modules for p in module.parameters()}
+    ids = {id(p) for p in parameters}
+    trained = [name for name, p in captioner.named_parameters() if id(p) in ids and p.requires_grad]
+    if trained:
+        raise ValueError(f"train.sharding: fsdp: {type(captioner).__name__}.fsdp_replicated() names trained "
+                         f"parameters {trained[:5]}; only frozen modules can be kept whole on every process")
+    return parameters
+
+
+def _outside(blocks: list[nn.Module], replicated: set[nn.Parameter]) -> list[nn.Module]:
+    """``blocks`` less those inside a replicated module; a block with only some of its parameters replicated would
+    be half in two units, a ValueError."""
+    ids = {id(p) for p in replicated}
+    kept = []
+    for block in blocks:
+        inside = [id(p) in ids for p in block.parameters()]
+        if inside and all(inside):
+            continue
+        if any(inside):
+            raise ValueError(f"train.sharding: fsdp: {type(block).__name__} is partly in a module kept whole "
+                             "(fsdp_replicated()); keep all of a block whole or none")
+        kept.append(block)
+    return kept
 
 
 def _with_full_parameters(captioner: nn.Module, method):
@@ -221,10 +266,18 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
     (optimizer state numbered by parameter position, not keyed by name), so that checkpoints.py writes them as
     it writes a DDP run's."""
     model_state = get_model_state_dict(model, options=_GATHER)
+    # Each tied tensor under exactly the names model.state_dict() gives it in one process: all of them (BLIP,
+    # GPT-2; the file writer drops the known second names), or the first only where a state-dict hook drops the
+    # rest (a tied VLM, models/vlm_captioner.py), which safetensors would refuse as aliases. On every rank, so that
+    # no FSDP hook runs on one rank only; the names of the local shards, nothing is gathered.
+    one_process = set(model.state_dict())
     if utils.is_main():
-        for names in _tied_names(model):  # every name, as model.state_dict() has it in one process
-            kept = next(name for name in names if name in model_state)
-            model_state.update({name: model_state[kept] for name in names})
+        for names in _tied_names(model):
+            value = next(model_state[name] for name in names if name in model_state)
+            model_state.update({name: value for name in names if name in one_process})
+            for name in names:
+                if name not in one_process:
+                    model_state.pop(name, None)
     if optimizer is None:
         return model_state, None
     by_name = get_optimizer_state_dict(model, optimizer, options=_GATHER)
@@ -265,4 +318,12 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         by_name = {"state": {names[int(i)]: values for i, values in optimizer_state["state"].items()},
                    "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]}
                                     for group in optimizer_state["param_groups"]]}
+    with_state = set(utils.broadcast_object(sorted(by_name["state"]) if utils.is_main() else None))
     set_optimizer_state_dict(model, optimizer, by_name, options=_BROADCAST)
+    # torch's loader first steps the optimizer with zero gradients so that every parameter has a state (AdamW: step
+    # 1, zero moments). A parameter the checkpoint has no state for (it never had a gradient, e.g. LLaVA's unused
+    # CLIP post_layernorm) keeps none, as optimizer.load_state_dict leaves it in one process; else its first real
+    # update would be bias-corrected as a second step, and the next checkpoint would hold moments one process lacks.
+    names = {id(p): name for name, p in model.named_parameters()}
+    for parameter in [p for p in optimizer.state if names.get(id(p)) not in with_state]:
+        del optimizer.state[parameter]
