@@ -124,16 +124,19 @@ import training
 
 runs_dir = os.environ.get("RUNS_DIR")
 for row, path in zip(os.environ["ROWS"].split(), os.environ["CONFIGS"].split()):
-    overrides = sys.argv[1:] + ([f"output_dir={runs_dir}/{row}"] if runs_dir else [])
-    config = training.load_config(path, overrides)
+    config = training.load_config(path, sys.argv[1:])
+    base = config["output_dir"]  # where another row's config looks for this row's checkpoints
+    if runs_dir:
+        config = training.load_config(path, sys.argv[1:] + [f"output_dir={runs_dir}/{row}"])
     model = config["model"]
     print(row, config["output_dir"], config["data"]["image_root"], config["data"]["val_file"],
-          model.get("pretrained") or "-", model.get("pretrained_recipe") or "-", sep="\t")
+          model.get("pretrained") or "-", model.get("pretrained_recipe") or "-", base, sep="\t")
 EOF
 )
-declare -A OUTDIR PRETRAINED RECIPE
-while IFS=$'\t' read -r row out root file pretrained recipe; do
+declare -A OUTDIR PRETRAINED RECIPE BASE_OUTDIR
+while IFS=$'\t' read -r row out root file pretrained recipe base; do
   OUTDIR[$row]=$out; IMAGE_ROOT=$root; VAL_FILE=$file; PRETRAINED[$row]=$pretrained; RECIPE[$row]=$recipe
+  BASE_OUTDIR[$row]=$base
 done <<< "$resolved"
 declare -A ROW_OF
 for row in $ROWS; do
@@ -168,6 +171,28 @@ fi
 
 is_seed_row() { [[ ${#SEED_LIST[@]} -gt 0 && " $SEED_ROWS " == *" $1 "* ]]; }
 
+# start_override ROW INDEX SEED: the model.pretrained=... that makes ROW's run of seed SEED (INDEX in SEED_LIST; -1
+# for a row run once) start where it should, or nothing. A row that starts from the toy BLIP pre-training
+# (model.pretrained_recipe: configs/toy/pretrain.yaml) starts a seed from that seed's own toy BLIP; a row that
+# starts from another row's checkpoint (scst_* from mle, *_smile_from_mle from *_mle) starts from that row's run
+# in this study (under RUNS_DIR), of the same seed when that row is a seed row.
+start_override() {
+  local row=$1 index=$2 seed=$3 other run
+  if [[ "$DATASET" == toy && "${RECIPE[$row]}" == configs/toy/pretrain.yaml && $index -ge 0 ]]; then
+    run=${TOY_PRETRAIN:-cache/toy_pretrain}
+    [[ "$seed" != 42 ]] && run="${run}_seed$seed"
+    echo "model.pretrained=$run/checkpoint_best.safetensors"
+    return
+  fi
+  for other in $ROWS; do
+    [[ "$other" != "$row" && "${PRETRAINED[$row]}" == "${BASE_OUTDIR[$other]}/"* ]] || continue
+    run=${OUTDIR[$other]}
+    is_seed_row "$other" && [[ $index -gt 0 ]] && run="${run}_seed$seed"
+    [[ "$run" != "${BASE_OUTDIR[$other]}" ]] && echo "model.pretrained=$run/${PRETRAINED[$row]#"${BASE_OUTDIR[$other]}/"}"
+    return
+  done
+}
+
 # run_row ROW OUT [KEY=VALUE ...]: train ROW into OUT (unless SKIP_DONE=1 finds it done); sets TAKEN.
 run_row() {
   local row=$1 out=$2
@@ -193,6 +218,8 @@ for row in $ROWS; do
   if ! is_seed_row "$row"; then
     extra=()
     [[ -n "${RUNS_DIR:-}" ]] && extra=("output_dir=$RUNS_DIR/$row")
+    origin=$(start_override "$row" -1 "")
+    [[ -n "$origin" ]] && extra+=("$origin")
     run_row "$row" "$base_out" "${extra[@]}"
     SECONDS_TAKEN[$row]=$TAKEN
     RUN_FILES[$row]="$base_out/test_metrics.json"
@@ -204,18 +231,8 @@ for row in $ROWS; do
     out=$base_out
     [[ $index -gt 0 ]] && out="${base_out}_seed$seed"
     extra=("seed=$seed" "output_dir=$out")
-    if [[ "$DATASET" == toy && "${RECIPE[$row]}" == configs/toy/pretrain.yaml ]]; then
-      pretrain=${TOY_PRETRAIN:-cache/toy_pretrain}
-      [[ "$seed" != 42 ]] && pretrain="${pretrain}_seed$seed"
-      extra+=("model.pretrained=$pretrain/checkpoint_best.safetensors")
-    elif [[ $index -gt 0 ]]; then
-      # Starting from another seed row's output: that row's run of the same seed.
-      for other in $ROWS; do
-        if [[ "$other" != "$row" && "${PRETRAINED[$row]}" == "${OUTDIR[$other]}/"* ]] && is_seed_row "$other"; then
-          extra+=("model.pretrained=${OUTDIR[$other]}_seed$seed/${PRETRAINED[$row]#"${OUTDIR[$other]}/"}")
-        fi
-      done
-    fi
+    origin=$(start_override "$row" "$index" "$seed")
+    [[ -n "$origin" ]] && extra+=("$origin")
     run_row "$row" "$out" "${extra[@]}"
     taken+=("$TAKEN"); row_files+=("$out/test_metrics.json")
   done

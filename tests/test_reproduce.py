@@ -226,3 +226,52 @@ def test_reproduce_sh_trains_a_row_on_miniature_coco_and_writes_the_table(tmp_pa
     assert "| blip_smile_base.pth (SMILE) | 22.3 | 4.5 | 10.0 | 24.5 | 75.0 | 95.6 |" in table
     assert f"| SMILE | configs/coco/smile.yaml | {run_dir} |" in table
     assert "Test images scored per row: 3." in table
+
+
+def _fake_python(tmp_path) -> Path:
+    """A PYTHON for scripts/reproduce.sh that records each training run's arguments and writes a test_metrics.json
+    into its output_dir instead of training; everything else (config resolution, make_table.py) runs for real."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ "$1" == train_caption.py ]]; then
+  echo "$*" >> {calls}
+  out=$(printf '%s\\n' "$@" | sed -n 's/^output_dir=//p' | tail -1)
+  mkdir -p "$out"
+  echo '{{"num_images": 4, "cap_len": 3.0, "CIDEr": 1.0}}' > "$out/test_metrics.json"
+  exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    return fake
+
+
+def test_reproduce_sh_starts_each_seed_where_its_row_says(tmp_path):
+    """Seed rows that start from another row (vlm_smile_from_mle from vlm_mle) take that row's run of the same seed,
+    under RUNS_DIR; the toy VLM rows are never pointed at the toy BLIP; the toy BLIP rows get each seed's own; the
+    tables go into the SECTION of RESULTS, the rest of the file kept."""
+    fake = _fake_python(tmp_path)
+    results = tmp_path / "toy.md"
+    results.write_text("# Toy\n\nkeep me\n\n## VLM\n\nold\n\n## Later\n\nkeep me too\n")
+    rows = "mle vlm_mle vlm_smile_from_mle"
+    env = {**os.environ, "PYTHON": str(fake), "ROWS": rows, "SEED_ROWS": rows, "SEEDS": "42 1", "NPROC": "1",
+           "RUNS_DIR": str(tmp_path / "runs"), "RESULTS": str(results), "SECTION": "VLM"}
+    run = subprocess.run(["bash", str(REPO / "scripts" / "reproduce.sh"), "toy"], capture_output=True, text=True,
+                         env=env, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    calls = [line.split() for line in (tmp_path / "calls.txt").read_text().splitlines()]
+
+    def start(row, seed):
+        [call] = [c for c in calls if f"configs/toy/{row}.yaml" in c and f"seed={seed}" in c]
+        return [arg.split("=", 1)[1] for arg in call if arg.startswith("model.pretrained=")]
+
+    runs = tmp_path / "runs"
+    assert start("mle", 42) == ["cache/toy_pretrain/checkpoint_best.safetensors"]
+    assert start("mle", 1) == ["cache/toy_pretrain_seed1/checkpoint_best.safetensors"]
+    assert start("vlm_mle", 42) == [] and start("vlm_mle", 1) == []  # the toy VLM, as the config says
+    assert start("vlm_smile_from_mle", 42) == [f"{runs}/vlm_mle/checkpoint_best.safetensors"]
+    assert start("vlm_smile_from_mle", 1) == [f"{runs}/vlm_mle_seed1/checkpoint_best.safetensors"]
+    text = results.read_text()
+    assert text.startswith("# Toy\n\nkeep me\n\n## VLM\n") and text.endswith("## Later\n\nkeep me too\n")
+    assert "old" not in text and "Toy VLM (LLaVA) MLE, then SMILE, mean of seeds 42,1" in text
