@@ -14,7 +14,9 @@ obtained:
   early: `coco_caption_metrics` before tokenising, `metrics.suite.MetricSession` while captions are generated),
   the per-image ``SCORE`` lines are streamed instead of sent one round trip at a time, optionally split over
   several JVMs, and the one ``EVAL`` line that turns the statistics into scores is pycocoevalcap's, so the
-  scores are the same. BLEU, ROUGE-L and CIDEr run while METEOR's JVMs work.
+  scores are the same. BLEU, ROUGE-L and CIDEr run while METEOR's JVMs work. A JVM that dies, or makes no
+  progress for `java_timeout()` seconds (``SMILE_JAVA_TIMEOUT``, default 600), is one RuntimeError naming METEOR,
+  its stderr and what to do, and every JVM of that scorer is killed; nothing waits on a JVM forever.
 * Without Java (`java_available()` is False) METEOR and SPICE cannot run. Then one warning says
   so, captions are tokenised by `fallback_tokenize`, a pure-Python imitation of PTBTokenizer +
   pycocoevalcap's punctuation filter, and only BLEU, ROUGE-L and CIDEr are returned. On ordinary
@@ -32,6 +34,7 @@ import io
 import logging
 import os
 import re
+import selectors
 import shutil
 import subprocess
 import tempfile
@@ -39,7 +42,8 @@ import threading
 import time
 import weakref
 from collections.abc import Hashable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +73,11 @@ _LINE_BREAKS = re.compile(r"[\r\n\v\f\x85\u2028\u2029]")
 # pycocoevalcap's METEOR command line (`Meteor.__init__`), run in its package directory (the jar finds data/ there).
 METEOR_COMMAND = ("java", "-jar", "-Xmx2G", meteor_module.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm")
 _METEOR_DIR = Path(meteor_module.__file__).parent
+# Java helpers (METEOR's JVMs, PTBTokenizer) that make no progress for this long count as stuck (`java_timeout`).
+JAVA_TIMEOUT_ENV = "SMILE_JAVA_TIMEOUT"
+DEFAULT_JAVA_TIMEOUT = 600.0
+_WAKE_S = 0.5  # a METEOR exchange checks this often whether to give up (`MeteorScorer.close`, a failed shard)
+_READ_CHUNK = _WRITE_CHUNK = 1 << 16
 # redirect_stdout swaps the process-wide sys.stdout; two threads doing it at once could leave it swapped.
 _STDOUT_LOCK = threading.Lock()
 
@@ -84,6 +93,10 @@ def java_available() -> bool:
         return False
     try:
         return subprocess.run([java, "-version"], capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:  # not "not found": say why METEOR is about to be skipped
+        logger.warning("`%s -version` did not finish within 60 s (an overloaded machine?): treating Java as absent",
+                       java)
+        return False
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -95,20 +108,29 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
     """Tokenise with Stanford PTBTokenizer exactly as pycocoevalcap does, then drop its punctuation.
 
     Same command (``-preserveLines -lowerCase``) and same filter as
-    `pycocoevalcap.tokenizer.ptbtokenizer.PTBTokenizer`; line breaks inside a caption become spaces.
+    `pycocoevalcap.tokenizer.ptbtokenizer.PTBTokenizer`; line breaks inside a caption become spaces. A run longer
+    than `java_timeout()` seconds (``SMILE_JAVA_TIMEOUT``, default 600) is killed and raises RuntimeError.
 
     Returns:
         One space-joined token string per input caption, in input order.
     """
     lines = [_LINE_BREAKS.sub(" ", c) for c in captions]
+    timeout = java_timeout()
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as handle:
         handle.write("\n".join(lines))
     try:
         proc = subprocess.run(
             ["java", "-cp", str(_PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer",
              "-preserveLines", "-lowerCase", "-encoding", "utf-8", handle.name],
-            capture_output=True,
+            capture_output=True, timeout=timeout,  # on expiry the JVM is killed and reaped
         )
+    except subprocess.TimeoutExpired as error:
+        stderr = (error.stderr or b"").decode("utf-8", "replace").strip()[-2000:] or "(empty)"
+        raise RuntimeError(
+            f"Stanford PTBTokenizer ({_PTB_JAR}) did not finish {len(lines)} captions within {timeout:g} s and was "
+            f"killed. A loaded machine can be this slow: allow more with {JAVA_TIMEOUT_ENV}=SECONDS. "
+            f"Its stderr: {stderr}"
+        ) from None
     finally:
         os.remove(handle.name)
     if proc.returncode != 0:
@@ -200,6 +222,30 @@ def default_meteor_processes() -> int:
     return max(1, min(4, usable_cores() // 4))
 
 
+def java_timeout(timeout: float | None = None) -> float:
+    """Seconds a Java helper (a METEOR JVM, the PTB tokeniser) may go without progress before it counts as stuck.
+
+    `timeout` if given, else the environment variable `JAVA_TIMEOUT_ENV` (``SMILE_JAVA_TIMEOUT``), else
+    `DEFAULT_JAVA_TIMEOUT` (600 s). The default is a hang detector, not a budget: a METEOR JVM needs ~10 s of one
+    core to load its paraphrase table before its first reply, which on a 2-core machine shared with several jobs
+    (or swapping with its 2 GB heap) can stretch to minutes, and a slow but working evaluation must never fail.
+    Raises ValueError naming the variable for a value that is not a positive number.
+    """
+    source = "timeout"
+    if timeout is None:
+        raw = os.environ.get(JAVA_TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_JAVA_TIMEOUT
+        source = f"environment variable {JAVA_TIMEOUT_ENV}={raw!r}"
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = float("nan")
+    if not timeout > 0 or timeout == float("inf"):  # also catches NaN
+        raise ValueError(f"{source}: the Java timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
 def meteor_score_line(hypothesis: str, references: Sequence[str]) -> str:
     """The ``SCORE`` line pycocoevalcap's `Meteor._stat` sends for one image (same clean-up of the hypothesis)."""
     hypothesis = hypothesis.replace("|||", "").replace("  ", " ")
@@ -212,22 +258,37 @@ class MeteorScorer:
     Same jar, command line (`METEOR_COMMAND`), ``SCORE`` lines and final ``EVAL`` line as
     `pycocoevalcap.meteor.meteor.Meteor`, so `compute_score` returns the same ``(corpus score, per-image
     scores)``. What differs is only how the lines travel: pycocoevalcap waits for each image's reply before
-    sending the next line (one round trip per image, ~3 ms); here a writer thread streams the lines while the
-    replies are read, and with ``processes > 1`` the images are split into contiguous shards scored by separate
-    JVMs. Each ``SCORE`` line is answered from that line alone (its matching statistics), so which JVM answers
-    it changes nothing; the statistics are then sent, in image order, in one ``EVAL`` line to the first JVM,
-    which computes the scores exactly as in pycocoevalcap.
+    sending the next line (one round trip per image, ~3 ms); here the lines are streamed while the replies are
+    read, and with ``processes > 1`` the images are split into contiguous shards scored by separate JVMs. Each
+    ``SCORE`` line is answered from that line alone (its matching statistics), so which JVM answers it changes
+    nothing; the statistics are then sent, in image order, in one ``EVAL`` line to the first JVM, which computes
+    the scores exactly as in pycocoevalcap.
 
     A JVM spends ~10 s (one core) loading the paraphrase table before its first answer. Construct the scorer
     early (before tokenising, or while captions are generated) so that this overlaps other work; `close` (or
     ``with``) stops the JVMs, as does garbage collection.
+
+    Failures come fast and whole. Each JVM is talked to through its pipes' raw file descriptors, polled with a
+    timeout (no thread blocks in a read or a write that may never return), so `compute_score` raises one
+    RuntimeError naming METEOR, the JVM's state and the tail of its stderr when a JVM exits or closes its output
+    (killed, out of memory, a missing jar), or when it makes no progress, reading nothing and answering nothing,
+    for `timeout` seconds (a JVM that hangs, or is stopped). Any failure or interrupt (KeyboardInterrupt included)
+    inside `compute_score` kills every JVM of the scorer, whose streams are then mid-reply, and closes it; so does
+    `close` from another thread while `compute_score` runs, which then raises within `_WAKE_S` seconds.
+
+    Args:
+        processes: JVMs to start; None: `default_meteor_processes`.
+        timeout: seconds without progress after which a JVM counts as stuck; None: `java_timeout()` (the
+            ``SMILE_JAVA_TIMEOUT`` environment variable, else 600 s, generous enough for a loaded machine).
     """
 
-    def __init__(self, processes: int | None = None):
+    def __init__(self, processes: int | None = None, timeout: float | None = None):
         count = default_meteor_processes() if processes is None else int(processes)
         if count < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
-        self._lock = threading.Lock()
+        self.timeout = java_timeout(timeout)
+        self._lock = threading.Lock()  # one compute_score at a time: the JVMs' streams are shared
+        self._abort = threading.Event()  # set by close() or a failure: in-flight exchanges give up
         self._procs: list[subprocess.Popen] = []
         self._errs = []
         try:
@@ -236,9 +297,12 @@ class MeteorScorer:
                 self._errs.append(err)
                 self._procs.append(subprocess.Popen(list(METEOR_COMMAND), cwd=_METEOR_DIR, stdin=subprocess.PIPE,
                                                     stdout=subprocess.PIPE, stderr=err))
+                # Writes go straight to the fd without blocking (a JVM that stops reading cannot hold a writer).
+                os.set_blocking(self._procs[-1].stdin.fileno(), False)
         except BaseException:
             _stop_processes(self._procs, self._errs)
             raise
+        self._channels = [_Channel(proc, err) for proc, err in zip(self._procs, self._errs)]
         self._finalizer = weakref.finalize(self, _stop_processes, list(self._procs), list(self._errs))
 
     @property
@@ -247,11 +311,11 @@ class MeteorScorer:
 
     def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, list[float]]:
         """pycocoevalcap's ``Meteor.compute_score``: `gts` ``{id: [reference tokens]}``, `res` ``{id: [tokens]}``
-        with the same keys (one hypothesis each); returns ``(score, [per-image score in gts order])``."""
+        with the same keys (one hypothesis each); returns ``(score, [per-image score in gts order])``.
+
+        Raises RuntimeError (see the class docstring) when a JVM fails or stalls; the scorer is closed then."""
         if gts.keys() != res.keys():
             raise ValueError("METEOR needs the same image ids in gts and res")
-        if not self._procs or not self._finalizer.alive:
-            raise RuntimeError("this MeteorScorer is closed")
         ids = list(gts)
         if not ids:
             raise ValueError("METEOR needs at least one image")
@@ -259,25 +323,58 @@ class MeteorScorer:
             if len(res[i]) != 1:
                 raise ValueError(f"METEOR needs exactly one hypothesis per image; image {i!r} has {len(res[i])}")
         lines = [meteor_score_line(res[i][0], gts[i]) for i in ids]
-        size = -(-len(lines) // len(self._procs))  # ceil: contiguous shards, the last one shorter
-        shards = [(proc, err, lines[start:start + size])
-                  for (proc, err), start in zip(zip(self._procs, self._errs), range(0, len(lines), size))]
         with self._lock:
-            if len(shards) == 1:
-                stats = _ask(*shards[0])
-            else:
-                with ThreadPoolExecutor(len(shards), thread_name_prefix="meteor") as pool:
-                    stats = [s for part in pool.map(lambda shard: _ask(*shard), shards) for s in part]
-            eval_line = "EVAL" + "".join(f" ||| {s}" for s in stats)
-            replies = _ask(self._procs[0], self._errs[0], [eval_line], replies=len(ids) + 1)
+            if not self._procs or not self._finalizer.alive or self._abort.is_set():
+                raise RuntimeError("this MeteorScorer is closed")
+            try:
+                stats = self._score_lines(lines)
+                eval_line = "EVAL" + "".join(f" ||| {s}" for s in stats)
+                replies = self._ask(self._channels[0], [eval_line], replies=len(ids) + 1)
+            except BaseException:
+                self._abort.set()  # the JVMs are mid-stream: nothing more can be asked of them
+                self._finalizer()
+                raise
         return float(replies[-1]), [float(r) for r in replies[:-1]]
+
+    def _score_lines(self, lines: list[str]) -> list[str]:
+        """The statistics line of each ``SCORE`` line, in order: one contiguous shard per JVM, each asked from its
+        own thread. The first shard to fail stops the others (they give up within `_WAKE_S`), and its error is the
+        one raised; the pool's threads have all ended when this returns or raises."""
+        size = -(-len(lines) // len(self._channels))  # ceil: contiguous shards, the last one shorter
+        shards = [(channel, lines[start:start + size])
+                  for channel, start in zip(self._channels, range(0, len(lines), size))]
+        if len(shards) == 1:
+            return self._ask(*shards[0])
+        pool = ThreadPoolExecutor(len(shards), thread_name_prefix="meteor")
+        try:
+            futures = [pool.submit(self._ask, *shard) for shard in shards]
+            done, _ = futures_wait(futures, return_when=FIRST_EXCEPTION)
+            if any(future.exception() is not None for future in done):
+                self._abort.set()
+                futures_wait(futures)
+                errors = [future.exception() for future in futures if future.exception() is not None]
+                raise next((e for e in errors if not isinstance(e, _Aborted)), errors[0])
+            return [stat for future in futures for stat in future.result()]
+        except BaseException:
+            self._abort.set()  # e.g. KeyboardInterrupt while waiting: the shards' threads end within _WAKE_S
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _ask(self, channel: _Channel, lines: list[str], replies: int | None = None) -> list[str]:
+        return _ask(channel, lines, replies, self.timeout, self._abort)
 
     def method(self) -> str:
         return "METEOR"
 
     def close(self) -> None:
-        """Stop the JVMs (idempotent)."""
-        self._finalizer()
+        """Stop the JVMs (idempotent, from any thread: a `compute_score` running meanwhile raises promptly)."""
+        self._abort.set()
+        for proc in self._procs:  # a running exchange now reads the end of its JVM's output
+            with contextlib.suppress(OSError):
+                proc.kill()
+        with self._lock:  # the pipes are closed only once no exchange uses them
+            self._finalizer()
 
     def __enter__(self) -> MeteorScorer:
         return self
@@ -286,46 +383,122 @@ class MeteorScorer:
         self.close()
 
 
-def _ask(proc: subprocess.Popen, err, lines: list[str], replies: int | None = None) -> list[str]:
-    """Send `lines` to a METEOR JVM from a writer thread while reading its replies (one per line by default)."""
-    failure: list[BaseException] = []
+class _Aborted(RuntimeError):
+    """A METEOR exchange given up because another shard failed or the scorer was closed (not the cause itself)."""
 
-    def write() -> None:
-        try:
-            for line in lines:
-                proc.stdin.write(f"{line}\n".encode())
-            proc.stdin.flush()
-        except (BrokenPipeError, OSError) as error:  # the JVM died; the reader reports it with its stderr
-            failure.append(error)
 
-    writer = threading.Thread(target=write, name="meteor-writer", daemon=True)
-    writer.start()
-    out = []
-    for _ in range(len(lines) if replies is None else replies):
-        line = proc.stdout.readline()
-        if not line:
-            break
-        out.append(line.decode().strip())
-    writer.join()
+class _Channel:
+    """One METEOR JVM: its process, its stderr file, and the bytes read after its last complete reply line."""
+
+    def __init__(self, proc: subprocess.Popen, err):
+        self.proc, self.err = proc, err
+        self.buffer = bytearray()
+
+    def stderr_tail(self, chars: int = 2000) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            self.err.flush()
+            self.err.seek(0)
+            text = self.err.read().decode("utf-8", "replace").strip()
+            return text[-chars:] if text else "(empty)"
+        return "(unreadable)"
+
+
+def _ask(channel: _Channel, lines: list[str], replies: int | None, timeout: float,
+         abort: threading.Event) -> list[str]:
+    """Send `lines` to a METEOR JVM while reading its replies (one per line by default); the reply lines, stripped.
+
+    One thread, no blocking call: the pipes' raw fds are polled (epoll where there is one, so any fd number works)
+    at most `_WAKE_S` seconds at a time. Python's buffered ``proc.stdout`` is never read (its buffer would hide
+    bytes from the poll); bytes past the last expected reply stay in ``channel.buffer``. Raises RuntimeError when
+    the JVM closes its output first (it exited or was killed), when neither a byte is written to it nor one read
+    from it for `timeout` seconds, or (`_Aborted`) when `abort` is set.
+    """
     expected = len(lines) if replies is None else replies
-    if len(out) < expected:
-        proc.poll()
-        err.seek(0)
-        tail = err.read().decode("utf-8", "replace")[-2000:]
-        raise RuntimeError(f"METEOR ({' '.join(METEOR_COMMAND)}) stopped after {len(out)} of {expected} replies "
-                           f"(exit code {proc.returncode}){': ' + repr(failure[0]) if failure else ''}: {tail}")
+    proc = channel.proc
+    data = memoryview("".join(f"{line}\n" for line in lines).encode())
+    out_fd, in_fd = proc.stdout.fileno(), proc.stdin.fileno()
+    out: list[str] = []
+    write_error: OSError | None = None
+    last_progress = time.monotonic()
+
+    def take_lines() -> None:  # the complete lines still expected move from channel.buffer to out
+        if b"\n" not in channel.buffer:
+            return
+        *complete, rest = bytes(channel.buffer).split(b"\n")
+        need = expected - len(out)
+        out.extend(line.decode("utf-8", "replace").strip() for line in complete[:need])
+        channel.buffer[:] = b"\n".join([*complete[need:], rest])
+
+    take_lines()
+    with selectors.DefaultSelector() as selector:
+        selector.register(out_fd, selectors.EVENT_READ)
+        if data:
+            selector.register(in_fd, selectors.EVENT_WRITE)
+        while len(out) < expected:
+            if abort.is_set():
+                raise _aborted(len(out), expected)
+            idle = time.monotonic() - last_progress
+            if idle >= timeout:
+                raise _meteor_error(channel, f"made no progress (read no input, sent no reply) for {timeout:g} s "
+                                    f"after {len(out)} of {expected} replies", stuck=True)
+            for key, _ in selector.select(min(_WAKE_S, timeout - idle)):
+                if key.fd == in_fd:
+                    try:
+                        written = os.write(in_fd, data[:_WRITE_CHUNK])
+                    except BlockingIOError:
+                        continue
+                    except OSError as error:  # the JVM is gone; its output's end says so just below
+                        write_error, written, data = error, 0, data[:0]
+                    data = data[written:]
+                    last_progress = time.monotonic() if written else last_progress
+                    if not data:
+                        selector.unregister(in_fd)
+                    continue
+                chunk = os.read(out_fd, _READ_CHUNK)
+                if not chunk and abort.is_set():  # killed by `MeteorScorer.close` or after another JVM's failure
+                    raise _aborted(len(out), expected)
+                if not chunk:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=5)  # it closed its output: let it finish dying, for its exit code
+                    cause = f" (writing to it: {write_error!r})" if write_error is not None else ""
+                    raise _meteor_error(channel, f"stopped after {len(out)} of {expected} replies{cause}")
+                channel.buffer += chunk
+                last_progress = time.monotonic()
+                take_lines()
     return out
 
 
+def _aborted(replies: int, expected: int) -> _Aborted:
+    return _Aborted(f"METEOR ({' '.join(METEOR_COMMAND)}) was stopped after {replies} of {expected} replies: "
+                    "another METEOR JVM failed, or the scorer was closed")
+
+
+def _meteor_error(channel: _Channel, what: str, stuck: bool = False) -> RuntimeError:
+    """One RuntimeError naming METEOR's command, what went wrong, the JVM's state, what to do, and its stderr."""
+    code = channel.proc.poll()
+    state = "still running: killed now" if code is None else f"exit code {code}"
+    advice = (f"A loaded machine can be this slow: allow more with {JAVA_TIMEOUT_ENV}=SECONDS (or MeteorScorer("
+              "timeout=...)). " if stuck else "")
+    advice += ("Each METEOR JVM needs ~2 GB of memory (-Xmx2G): free memory or start fewer JVMs (meteor_processes), "
+               "or score without METEOR by leaving the 'coco' group out (eval_caption.py --metrics without coco).")
+    return RuntimeError(f"METEOR ({' '.join(METEOR_COMMAND)}) {what} ({state}). {advice} "
+                        f"JVM stderr: {channel.stderr_tail()}")
+
+
 def _stop_processes(procs: list[subprocess.Popen], errs: list) -> None:
+    """Kill the JVMs, reap them and close their pipes and stderr files (the scorer's finalizer: idempotent)."""
     for proc in procs:
         with contextlib.suppress(OSError):
-            proc.stdin.close()
-        proc.kill()
+            proc.kill()  # SIGKILL: also ends a stopped (SIGSTOP) JVM
     for proc in procs:
-        proc.wait()
-        with contextlib.suppress(OSError):
-            proc.stdout.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # not reaped yet (uninterruptible I/O); the kernel will finish it
+            logger.warning("METEOR JVM pid %d did not exit within 60 s of SIGKILL", proc.pid)
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                if pipe is not None:
+                    pipe.close()
     for err in errs:
         err.close()
 
@@ -393,8 +566,9 @@ def coco_caption_metrics(
         spice: also compute SPICE. pycocoevalcap downloads Stanford CoreNLP models for it on first
             use, and it needs Java and several GB of memory.
         verbose: let pycocoevalcap print its progress.
-        meteor: a `MeteorScorer` started earlier (its JVMs may have loaded meanwhile); the caller closes it.
-            None: one is started here, before tokenising, and closed at the end.
+        meteor: a `MeteorScorer` started earlier (its JVMs may have loaded meanwhile); the caller closes it, except
+            that an error or interrupt while it scores closes it here (its JVMs are then mid-stream; see
+            `MeteorScorer`). None: one is started here, before tokenising, and closed at the end.
         tokens: ``{text: tokens}`` from `tokenize_texts` with the same Java setting, e.g. the references
             tokenised while the captions were generated; the other texts are tokenised here.
         overlap: score METEOR (in its JVMs) while BLEU, ROUGE-L and CIDEr run in this thread; False runs them
@@ -471,9 +645,13 @@ def coco_caption_metrics(
                 scores["CIDEr"] = float(Cider().compute_score(gts_tok, res_tok)[0])
             if pending is not None:
                 scores["METEOR"] = float(meteor_future.result()[0])
+        except BaseException:
+            if pending is not None and not meteor_future.done():
+                meteor.close()  # an error or interrupt here: stop METEOR mid-stream rather than wait for it
+            raise
         finally:
             if pending is not None:
-                pending.shutdown(wait=False)
+                pending.shutdown(wait=True)  # METEOR has returned or been stopped: no thread outlives this call
         if spice and java:
             with _timed(timings, "spice"):
                 scores["SPICE"] = _spice(gts_tok, res_tok, verbose)

@@ -86,10 +86,15 @@ def score(results: list[dict], session) -> dict:
 
 
 def evaluate(captioner: CaptionModel, loader, gt: dict, config: dict, device: torch.device,
-             groups=("coco",)) -> tuple[list[dict], dict]:
-    """Generate for every image in ``loader`` and score against ``gt``: (results, metrics)."""
+             groups=("coco",), results_path: str | Path | None = None) -> tuple[list[dict], dict]:
+    """Generate for every image in ``loader`` and score against ``gt``: (results, metrics).
+
+    ``results_path``: rank 0 writes the captions there before any metric runs, so a scoring failure (or a run
+    stopped while it scores) loses none of them."""
     with scoring_session(gt, config, groups, images_root=config["data"]["image_root"]) as session:
         results = generate_captions(captioner, loader, config, device)
+        if results_path is not None and utils.is_main():
+            utils.write_json(results_path, results)
         return results, score(results, session)
 
 

@@ -115,11 +115,11 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
         if val_loader is not None and config["eval"]["keep_start"] and resume_from is None:
             # The starting weights are a candidate (epoch -1): fine-tuning never ends worse on val than it began.
             with sharding.full_parameters(captioner):  # FSDP: gathered once for the ranks' uneven generation loops
-                results, metrics = evaluate(captioner, val_loader, val_gt, config, device, groups)
+                # The captions are on disk before any metric runs (evaluate's results_path).
+                _, metrics = evaluate(captioner, val_loader, val_gt, config, device, groups,
+                                      results_path=output_dir / "val_epoch-1_results.json")
             log.log(kind="val", epoch=-1, step=0, **metrics)
             logger.info("start (epoch -1) val: %s", _format_metrics(metrics))
-            if utils.is_main():
-                utils.write_json(output_dir / "val_epoch-1_results.json", results)
             consider(-1, metrics)
             save_latest()  # an interrupted run resumes with the start's score as its best-so-far
         while progress.epoch < config["train"]["epochs"] and not (max_steps and progress.global_step >= max_steps):
@@ -133,11 +133,10 @@ def run_training(config: dict) -> tuple[dict, CaptionModel]:
             metrics = None
             if val_loader is not None:
                 with sharding.full_parameters(captioner):
-                    results, metrics = evaluate(captioner, val_loader, val_gt, config, device, groups)
+                    _, metrics = evaluate(captioner, val_loader, val_gt, config, device, groups,
+                                          results_path=output_dir / f"val_epoch{epoch}_results.json")
                 log.log(kind="val", epoch=epoch, step=progress.global_step, **metrics)
                 logger.info("epoch %d val: %s", epoch, _format_metrics(metrics))
-                if utils.is_main():
-                    utils.write_json(output_dir / f"val_epoch{epoch}_results.json", results)
             progress.epoch, progress.batches_done = epoch + 1, 0
             consider(epoch, metrics)
             save_latest()
