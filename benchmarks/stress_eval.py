@@ -2,27 +2,29 @@
 
     python benchmarks/stress_eval.py                          # 20 sessions or 300 s, whichever comes first
     python benchmarks/stress_eval.py --load 4 --java          # 4 busy processes beside it, METEOR's JVMs too
-    python benchmarks/stress_eval.py --without-fix            # without the image workers' init function
 
-What it guards against: evaluation after training could crash with ``RuntimeError: DataLoader worker (pid N) exited unexpectedly
-with exit code 1`` raised in the main thread, in training.generate_captions, while the metrics session
-(metrics/suite.py) encoded the GT images in a ThreadPoolExecutor thread. Each iteration here does what
-training.evaluate_split does, with the tests' tiny CLIP and GPT-2 and generated images: ``prepare_metrics`` (CLIP's
-image loader with 2 worker processes starts in a background thread), then the main thread iterates a
-``num_workers=0`` loader doing CPU work (the captioner's place), then ``session.score`` and ``close``.
+What it guards against: evaluation after training once crashed with ``RuntimeError: DataLoader worker (pid N) exited
+unexpectedly with exit code 1`` raised in the main thread, and later hung, while the metrics session
+(metrics/suite.py) encoded the GT images in a ThreadPoolExecutor thread: both came from image-decoding worker
+processes forked from that thread (metrics/clip_metrics.py `_pixel_batches` now decodes in threads). Each iteration
+here does what training.evaluate_split does, with the tests' tiny CLIP and GPT-2 and generated images:
+``prepare_metrics`` (CLIP's image encoding with 2 decoding threads starts in a background thread), then the main
+thread iterates a ``num_workers=0`` loader doing CPU work (the captioner's place), then ``session.score`` and
+``close``.
 
-Two conditions of the crashed runs are reproduced: torch's SIGCHLD handler is installed, as it is once any loader
-with workers has been iterated in the main thread (from a clean export, the toy CLIP's build does that), unless
-``--no-handler``; and ``--load K`` keeps K busy processes beside it (the runs shared 2 cores with 4-7 jobs).
+Two conditions of the failed runs are reproduced: torch's SIGCHLD handler is installed, as it is once any loader
+with workers has been iterated in the main thread (a training loader), unless ``--no-handler``; and ``--load K``
+keeps K busy processes beside it (the runs shared 2 cores with 4-7 jobs). A session that takes longer than
+``--session-limit`` seconds is a hang: every thread's stack is printed and the script exits at once (faulthandler).
 
 Printed: the machine, then per iteration the outcome, and at the end the number of sessions whose main thread got
-the worker error, other errors, and how many image-loader workers exited with a nonzero status (read from torch's
-loader iterator: each worker's exit code once it is joined). It stops by itself after ``--iterations`` sessions
-or ``--time-limit`` seconds (the running session finishes first), and stops its busy processes on the way out.
+the worker error and other errors. It stops by itself after ``--iterations`` sessions or ``--time-limit`` seconds
+(the running session finishes first), and stops its busy processes on the way out.
 """
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import multiprocessing
 import sys
 import tempfile
@@ -35,7 +37,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 import torch  # noqa: E402
 
 from machine import describe_machine  # noqa: E402
-from metrics import MetricOptions, clip_metrics, java_available, prepare_metrics  # noqa: E402
+from metrics import MetricOptions, java_available, prepare_metrics  # noqa: E402
 from metrics_fixtures import build_tiny_clip, build_tiny_gpt2, make_images, synthetic_coco  # noqa: E402
 
 WORKER_ERROR = "exited unexpectedly"
@@ -47,40 +49,11 @@ def _busy(stop) -> None:
         sum(i * i for i in range(20_000))
 
 
-class WorkerExitCodes:
-    """Exit codes of every multi-worker loader's workers, recorded when torch joins them (its iterator's
-    ``_shutdown_workers``; a private method, so the count is reported as unavailable if it is gone)."""
-
-    def __init__(self):
-        self.codes: list[int | None] = []
-        self.available = False
-
-    def __enter__(self) -> WorkerExitCodes:
-        iterator = getattr(torch.utils.data.dataloader, "_MultiProcessingDataLoaderIter", None)
-        self._original = getattr(iterator, "_shutdown_workers", None)
-        if self._original is None:
-            return self
-        original, codes = self._original, self.codes
-
-        def shutdown_and_record(loader_iter) -> None:
-            done_before = loader_iter._shutdown
-            original(loader_iter)
-            if not done_before:
-                codes.extend(worker.exitcode for worker in loader_iter._workers)
-
-        iterator._shutdown_workers = shutdown_and_record
-        self._iterator, self.available = iterator, True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.available:
-            self._iterator._shutdown_workers = self._original
-
-
-def install_sigchld_handler(paths: list[Path], clip_dir: Path) -> None:
-    """What a clean export's toy CLIP build does: encode images with worker processes in the main thread, which
-    installs torch's process-wide SIGCHLD handler (torch.utils.data._utils.signal_handling)."""
-    clip_metrics.encode_images(paths, clip_dir, batch_size=16, num_workers=2, progress=False)
+def install_sigchld_handler() -> None:
+    """What a training loader with workers does in the main thread: iterating it installs torch's process-wide
+    SIGCHLD handler (torch.utils.data._utils.signal_handling)."""
+    for _ in torch.utils.data.DataLoader(list(range(8)), batch_size=4, num_workers=2):
+        pass
 
 
 def one_session(gt: dict, results: list[dict], groups: list[str], options: MetricOptions,
@@ -105,30 +78,27 @@ def main(argv=None) -> int:
     parser.add_argument("--java", action="store_true", help="score the COCO group too (METEOR's JVMs, PTB "
                         "tokeniser and the COCO thread), if Java is installed")
     parser.add_argument("--no-handler", action="store_true", help="do not install torch's SIGCHLD handler first")
-    parser.add_argument("--without-fix", action="store_true", help="build the image loader without the worker "
-                        "init function (metrics/clip_metrics.py), to reproduce the crash")
+    parser.add_argument("--session-limit", type=float, default=600.0, help="seconds after which a session counts "
+                        "as hung (every stack printed, then exit)")
     args = parser.parse_args(argv)
     java = args.java and java_available()
     groups = ["length", "ppl", "retrieval", "clipscore"] + (["coco"] if java else [])
-    if args.without_fix and hasattr(clip_metrics, "_forget_inherited_executor_threads"):
-        clip_metrics._forget_inherited_executor_threads = None  # encode_images passes worker_init_fn=None again
 
     print(f"machine: {describe_machine(extras=(f'java {java}',))}")
     print(f"settings: {args.iterations} sessions at most, {args.time_limit:.0f} s limit, {args.load} busy processes, "
           f"{args.images} images, groups {groups}, SIGCHLD handler {'no' if args.no_handler else 'yes'}, "
-          f"{'WITHOUT' if args.without_fix else 'with'} the fix", flush=True)
+          f"{args.session_limit:.0f} s per session at most", flush=True)
     stop = multiprocessing.Event()
     burners = [multiprocessing.Process(target=_busy, args=(stop,), daemon=True) for _ in range(args.load)]
     outcomes = {"ok": 0, "worker error": 0, "other error": 0}
-    with tempfile.TemporaryDirectory(prefix="stress_eval_") as tmp, WorkerExitCodes() as exits:
+    with tempfile.TemporaryDirectory(prefix="stress_eval_") as tmp:
         work = Path(tmp)
         clip_dir, gpt2_dir = build_tiny_clip(work / "clip"), build_tiny_gpt2(work / "gpt2")
         names = make_images(work / "images", args.images, seed=3)
         gt, results = synthetic_coco(args.images, file_names=names, seed=5)
         options = MetricOptions(images_root=work / "images", clip_model=clip_dir, ppl_model=gpt2_dir, progress=False)
         if not args.no_handler:
-            install_sigchld_handler([work / "images" / n for n in names[:32]], clip_dir)
-        handler_codes = len(exits.codes)
+            install_sigchld_handler()
         for burner in burners:
             burner.start()
         start = time.perf_counter()
@@ -137,12 +107,14 @@ def main(argv=None) -> int:
                 if time.perf_counter() - start > args.time_limit:
                     print(f"time limit reached after {iteration} sessions")
                     break
+                faulthandler.dump_traceback_later(args.session_limit, exit=True)  # a hang: stacks, then exit
                 try:
                     one_session(gt, results, groups, options, args.work)
                     outcome, detail = "ok", ""
                 except RuntimeError as error:
                     outcome = "worker error" if WORKER_ERROR in str(error) else "other error"
                     detail = f": {str(error).splitlines()[0][:160]}"
+                faulthandler.cancel_dump_traceback_later()
                 outcomes[outcome] += 1
                 print(f"session {iteration}: {outcome}{detail} ({time.perf_counter() - start:.0f} s)", flush=True)
         finally:
@@ -151,16 +123,9 @@ def main(argv=None) -> int:
                 burner.join(timeout=10)
                 if burner.is_alive():
                     burner.terminate()
-        codes = exits.codes[handler_codes:]
     sessions = sum(outcomes.values())
-    nonzero = sum(1 for code in codes if code != 0)
     print(f"\nsessions {sessions}: ok {outcomes['ok']}, main thread got the worker error {outcomes['worker error']}, "
           f"other errors {outcomes['other error']}")
-    if exits.available:
-        print(f"image-loader workers: {len(codes)} joined, {nonzero} with a nonzero exit code "
-              f"({sorted(set(codes), key=str)})")
-    else:
-        print("image-loader worker exit codes: not available (torch's loader iterator changed)")
     return 1 if outcomes["worker error"] or outcomes["other error"] else 0
 
 

@@ -32,12 +32,13 @@ ones "chunks" scored by pieces. Embeddings are computed in fp32, in batches, on 
 """
 from __future__ import annotations
 
-import concurrent.futures.thread
 import contextlib
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,7 +118,7 @@ def load_clip(model_id_or_dir: str | Path | ClipBundle, device: str | torch.devi
 # Embeddings
 # ---------------------------------------------------------------------------------------------
 class _Images(torch.utils.data.Dataset):
-    """Images as RGB PIL images, read lazily so DataLoader workers decode in parallel."""
+    """Images as RGB PIL images, read lazily so `_pixel_batches`' threads decode in parallel."""
 
     def __init__(self, images: Sequence[ImageInput]):
         self.images = images
@@ -136,7 +137,7 @@ class _Images(torch.utils.data.Dataset):
 
 
 class _Preprocess:
-    """Collate function: the CLIP image processor over a batch (runs inside the worker)."""
+    """The CLIP image processor over a batch of PIL images (runs in `_pixel_batches`' threads)."""
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
@@ -145,26 +146,38 @@ class _Preprocess:
         return self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
 
 
-def _forget_inherited_executor_threads(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` of `encode_images`: a forked worker drops the thread-pool threads it inherited
-    the bookkeeping of, but not the threads themselves.
+def _pixel_batches(images: Sequence[ImageInput], image_processor, batch_size: int,
+                   workers: int) -> Iterator[torch.Tensor]:
+    """``(B, 3, H, W)`` pixel batches of ``images``, in order: each batch read and preprocessed (`_Images`,
+    `_Preprocess`) by one of ``workers`` threads (0: in the calling thread), at most ``2 * workers`` batches ahead.
 
-    Why: fork copies concurrent.futures' registry of ThreadPoolExecutor threads into the worker, none of
-    the threads. When the worker exits, ``threading._shutdown`` runs concurrent.futures' exit hook, which joins every
-    registered thread; a worker forked *from* one of them (`MetricSession` encodes images in its pool) finds its
-    own thread there, the join raises "cannot join current thread" after all the work is done, and multiprocessing
-    ends the worker with exit status 1, printing nothing. The loader never looks at that status, but torch's
-    SIGCHLD handler does: once any loader with workers has run in the main thread (the toy CLIP's build, a
-    training loader), every SIGCHLD makes it check the live loaders' workers, and one that exited with 1 becomes
-    ``RuntimeError: DataLoader worker (pid N) exited unexpectedly with exit code 1`` raised in the main thread,
-    wherever it is (generating captions), whenever the check falls between a worker's exit and its loader's
-    shutdown. CPython clears the registry in forked children itself since its fix of gh-88110 (merged November
-    2024); Python 3.11 does not. Clearing it twice is harmless.
+    Threads, not DataLoader worker processes: PIL decodes and resizes with the GIL released, and nothing is forked.
+    `MetricSession` encodes images in a background thread while the main thread generates captions; a process
+    forked then inherits whatever lock another thread holds at that instant (an import lock while the main thread
+    imports a PIL plugin for its first image), and a worker that needs it waits forever: evaluations hung that way
+    after "coco took ... s", with the METEOR JVM's pipes inherited by the stuck workers too. Forkserver or spawn
+    workers would avoid it but import transformers afresh, 20-30 s per loader on a 2-core CPU.
     """
-    del worker_id
-    registry = getattr(concurrent.futures.thread, "_threads_queues", None)
-    if registry is not None:
-        registry.clear()
+    dataset, preprocess = _Images(images), _Preprocess(image_processor)
+
+    def batch(start: int) -> torch.Tensor:
+        return preprocess([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+
+    starts = range(0, len(dataset), batch_size)
+    if workers <= 0:
+        yield from map(batch, starts)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="clip-images")
+    try:
+        pending: deque = deque()
+        for start in starts:
+            pending.append(pool.submit(batch, start))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when the consumer stops early: queued batches are dropped, running ones finish
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_image_files(paths: Sequence[ImageInput], what: str = "image files") -> None:
@@ -188,13 +201,9 @@ def encode_images(
     Args:
         images: file paths or PIL images.
         clip: a `ClipBundle`, hub id or directory.
-        num_workers: DataLoader workers decoding and preprocessing images; None -> min(8, usable cores) for
-            files (decoding a COCO JPEG and resizing it takes ~7 ms of one core, so 5,000 images are ~35
-            core-seconds), 0 for in-memory PIL images or a single batch (no worker start-up to amortise).
-            Workers are forked, also from a background thread (`MetricSession`'s): see
-            `_forget_inherited_executor_threads` for what that needs. Forkserver or spawn workers would not, but
-            each imports the caller's main module and transformers afresh: 20-30 s per loader on a 2-core CPU
-            against ~2 s forked, most of the overlap `MetricSession` exists for.
+        num_workers: threads decoding and preprocessing images (`_pixel_batches`: threads, never forked
+            processes); None -> min(8, usable cores) for files (decoding a COCO JPEG and resizing it takes ~7 ms
+            of one core, so 5,000 images are ~35 core-seconds), 0 for in-memory PIL images or a single batch.
 
     Returns:
         ``(N, D)`` fp32 tensor on the CPU, rows of unit norm, in input order.
@@ -204,14 +213,10 @@ def encode_images(
     if num_workers is None:
         on_disk = any(not isinstance(im, Image.Image) for im in images)
         num_workers = min(8, usable_cores()) if on_disk and len(images) > batch_size else 0
-    loader = torch.utils.data.DataLoader(
-        _Images(images), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_Preprocess(clip.image_processor),
-        worker_init_fn=_forget_inherited_executor_threads if num_workers else None,
-    )
+    batches = _pixel_batches(images, clip.image_processor, batch_size, num_workers)
     features = []
     with tqdm(total=len(images), desc="CLIP images", unit="img", disable=not progress) as bar:
-        for pixels in loader:  # (B, 3, H, W)
+        for pixels in batches:  # (B, 3, H, W)
             out = hf_features(clip.model.get_image_features(pixel_values=pixels.to(clip.device, torch.float32)))
             features.append(F.normalize(out.float(), dim=-1).cpu())
             bar.update(len(pixels))

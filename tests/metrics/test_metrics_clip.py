@@ -1,6 +1,10 @@
 """metrics/clip_metrics.py against naive, one-item-at-a-time implementations of each definition."""
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -446,3 +450,69 @@ def test_eval_caption_results_mode_reads_long_captions_as_asked(tmp_path, image_
     assert scores["chunks"]["CLIPScore"] != pytest.approx(scores["truncate"]["CLIPScore"], abs=1e-4)
     with pytest.raises(SystemExit):
         eval_caption.main(["--results", "r.json", "--annotations", "g.json", "--clip-long-text", "middle"])
+
+
+RACE = r'''
+import importlib.abc, importlib.machinery, sys, threading, time
+from PIL import Image
+from metrics import clip_metrics
+
+plugin, clip_dir, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+class SlowLoader(importlib.abc.Loader):  # in the main thread, the plugin's import takes 4 s (a descheduled thread)
+    def __init__(self, inner): self.inner = inner
+    def create_module(self, spec): return self.inner.create_module(spec)
+    def exec_module(self, module):
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(4)
+        self.inner.exec_module(module)
+
+class SlowFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != plugin: return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec.loader = SlowLoader(spec.loader)
+        return spec
+
+sys.meta_path.insert(0, SlowFinder())
+clip = clip_metrics.load_clip(clip_dir, "cpu")
+assert plugin not in sys.modules
+done = {}
+def lane():  # MetricSession's background encoding, starting while the main thread is inside the import
+    time.sleep(1)
+    done["shape"] = tuple(clip_metrics.encode_images(paths, clip, batch_size=4, num_workers=2, progress=False).shape)
+thread = threading.Thread(target=lane, daemon=True)
+thread.start()
+Image.open(paths[0]).load()  # the captioner's first image: the main thread imports the plugin
+thread.join(60)
+print("HUNG" if thread.is_alive() else f"done {done['shape']}", flush=True)
+'''
+
+
+def test_images_encoded_beside_a_main_thread_import_never_hang(tmp_path, image_paths, tiny_clip_dir):
+    """encode_images in a background thread (MetricSession's) while the main thread imports the PIL plugin both need:
+    with worker processes forked at that instant, the workers inherited the held import lock and waited forever
+    (evaluations hung after "coco took ... s"); the threads it uses now wait for the import and go on."""
+    plugin = f"PIL.{Image.open(image_paths[0]).format.capitalize()}ImagePlugin"
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    paths = [str(path) for path in image_paths[:9]]  # 3 batches of 4 over 2 workers
+    done = subprocess.run([sys.executable, str(script), plugin, str(tiny_clip_dir), *paths], capture_output=True,
+                          text=True, timeout=180, cwd=Path(__file__).resolve().parents[2],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "done (9, 16)", done.stdout
+
+
+def test_threaded_image_batches_equal_the_one_thread_ones_and_stop_early(clip, image_paths):
+    from metrics.clip_metrics import _pixel_batches
+
+    one = list(_pixel_batches(image_paths, clip.image_processor, 5, 0))
+    threaded = list(_pixel_batches(image_paths, clip.image_processor, 5, 3))
+    assert [b.shape[0] for b in threaded] == [5, 5, 2] and all(torch.equal(a, b) for a, b in zip(one, threaded))
+    batches = _pixel_batches(image_paths, clip.image_processor, 1, 2)
+    next(batches)
+    batches.close()  # the consumer stops: the pool is shut down, no thread left behind
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("clip-images")]
