@@ -14,6 +14,10 @@ into the other. Imports nothing of the project.
   should be captioned the way it is shown.
 * BLIP's ViT was pre-trained on CLIP-normalised pixels, and BLIP evaluates on a bicubic resize to a square
   (aspect ratio not kept): ``eval_transform``.
+* Every PIL image plugin is imported here, once, when the first module reads images (``Image.init()``, ~50 ms).
+  PIL otherwise imports a format's plugin on the first image of that format, in whichever thread opens it; a
+  DataLoader worker forked while another thread is inside that import inherits the import lock held and waits
+  for it forever (the evaluation hang of metrics/clip_metrics.py's ``_pixel_batches``, there from the other side).
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+Image.init()  # every image plugin now, in the importing thread (module docstring)
 
 
 def to_rgb(image: Image.Image, exif_transpose: bool = False) -> Image.Image:
