@@ -37,7 +37,7 @@
 #   RESULTS    the markdown file to write (default results/<dataset>.md)
 #   SECTION    a heading, e.g. "VLM rows": write the tables as the section "## <SECTION>" of RESULTS (replacing
 #              that section, or appended; the rest of the file is kept) instead of the whole file, and the plots
-#              as <RESULTS without .md>_<section as a slug>_{metrics,lengths}.png
+#              as <RESULTS without .md>_<heading up to "(" or ",", as a slug>_{metrics,lengths}.png
 #   LEX_DIV    the statistic of the table's Lex. Div. column: distinct_1 (default), distinct_2, vocab_size, ttr
 #   NPROC, NNODES, ... as scripts/train.sh.
 #
@@ -274,9 +274,17 @@ mkdir -p "$(dirname "$RESULTS")"
        "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')."
   echo "Each row: train with the row's config, keep the best epoch by validation CIDEr + BLEU-4, score it on test."
   if [[ ${#SEED_LIST[@]} -gt 0 ]]; then
-    echo "Rows named \"mean of seeds\" ran once per seed ($SEEDS; SEEDS=...), each seed from its own pre-trained model" \
-         "on the toy set; the second table gives their min-max range. Rows marked \"(one seed)\" ran once, with the" \
-         "config's seed."
+    # Which starting point the seeds share: each its own toy BLIP, or one model (the toy VLM, a checkpoint).
+    own=(); shared=()
+    for row in $ROWS; do
+      is_seed_row "$row" || continue
+      if [[ "$DATASET" == toy && "${RECIPE[$row]}" == configs/toy/pretrain.yaml ]]; then own+=("$row"); else shared+=("$row"); fi
+    done
+    echo "Rows named \"mean of seeds\" ran once per seed ($SEEDS; SEEDS=...); the second table gives their min-max" \
+         "range. Rows marked \"(one seed)\" ran once, with the config's seed."
+    [[ ${#own[@]} -gt 0 ]] && echo "Each seed of ${own[*]} fine-tuned its own pre-trained toy BLIP."
+    [[ ${#shared[@]} -gt 0 ]] && echo "The seeds of ${shared[*]} share their starting model (a row started from" \
+         "another seed row starts each seed from that row's run of the same seed); the seed varies their fine-tuning."
   fi
   echo "BLEU-4 and CIDEr are x100; \"-\" marks a metric that was not computed. Test images scored per row:" \
        "$("$PYTHON" -c 'import json, sys; print(", ".join(str(json.load(open(f)).get("num_images", "?")) for f in ",".join(sys.argv[1:]).split(",")))' "${files[@]}")."
@@ -329,7 +337,8 @@ cat "$RESULTS"
 results_files=()
 for row in $ROWS; do results_files+=("${OUTDIR[$row]}/test_results.json"); done  # a seed row: its first seed
 PLOTS=${RESULTS%.md}
-[[ -n "${SECTION:-}" ]] && PLOTS="${PLOTS}_$(tr -cs 'A-Za-z0-9' '_' <<< "${SECTION,,}" | sed 's/^_*//; s/_*$//')"
+# A section's plots are named after its heading up to the first "(" or ",": "VLM rows (...)" -> <RESULTS>_vlm_rows_*.
+[[ -n "${SECTION:-}" ]] && PLOTS="${PLOTS}_$(sed 's/[(,].*//' <<< "${SECTION,,}" | tr -cs 'a-z0-9' '_' | sed 's/^_*//; s/_*$//')"
 case "$DATASET" in
   coco) title="MSCOCO Karpathy test split" ;; flickr30k) title="Flickr30K Karpathy test split" ;;
   toy) title="toy test split" ;;

@@ -275,3 +275,5 @@ def test_reproduce_sh_starts_each_seed_where_its_row_says(tmp_path):
     text = results.read_text()
     assert text.startswith("# Toy\n\nkeep me\n\n## VLM\n") and text.endswith("## Later\n\nkeep me too\n")
     assert "old" not in text and "Toy VLM (LLaVA) MLE, then SMILE, mean of seeds 42,1" in text
+    assert "Each seed of mle fine-tuned its own pre-trained toy BLIP." in text
+    assert "The seeds of vlm_mle vlm_smile_from_mle share their starting model" in text
