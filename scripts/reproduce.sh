@@ -182,15 +182,18 @@ start_override() {
     run=${TOY_PRETRAIN:-cache/toy_pretrain}
     [[ "$seed" != 42 ]] && run="${run}_seed$seed"
     echo "model.pretrained=$run/checkpoint_best.safetensors"
-    return
+    return 0
   fi
   for other in $ROWS; do
     [[ "$other" != "$row" && "${PRETRAINED[$row]}" == "${BASE_OUTDIR[$other]}/"* ]] || continue
     run=${OUTDIR[$other]}
     is_seed_row "$other" && [[ $index -gt 0 ]] && run="${run}_seed$seed"
-    [[ "$run" != "${BASE_OUTDIR[$other]}" ]] && echo "model.pretrained=$run/${PRETRAINED[$row]#"${BASE_OUTDIR[$other]}/"}"
-    return
+    if [[ "$run" != "${BASE_OUTDIR[$other]}" ]]; then
+      echo "model.pretrained=$run/${PRETRAINED[$row]#"${BASE_OUTDIR[$other]}/"}"
+    fi
+    return 0  # (a nonzero status would end the script: set -e)
   done
+  return 0
 }
 
 # run_row ROW OUT [KEY=VALUE ...]: train ROW into OUT (unless SKIP_DONE=1 finds it done); sets TAKEN.

@@ -247,18 +247,27 @@ exec {sys.executable} "$@"
     return fake
 
 
-def test_reproduce_sh_starts_each_seed_where_its_row_says(tmp_path):
-    """Seed rows that start from another row (vlm_smile_from_mle from vlm_mle) take that row's run of the same seed,
-    under RUNS_DIR; the toy VLM rows are never pointed at the toy BLIP; the toy BLIP rows get each seed's own; the
-    tables go into the SECTION of RESULTS, the rest of the file kept."""
+@pytest.mark.parametrize("runs_dir", [True, False])
+def test_reproduce_sh_starts_each_seed_where_its_row_says(tmp_path, runs_dir):
+    """Seed rows that start from another row (vlm_smile_from_mle from vlm_mle) take that row's run of the same seed
+    (under RUNS_DIR when set); the toy VLM rows are never pointed at the toy BLIP; the toy BLIP rows get each seed's
+    own; the tables go into the SECTION of RESULTS, the rest of the file kept. Runs in a copy of scripts/ and
+    configs/, so that the rows' own output folders (without RUNS_DIR) are not the repository's."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    for part in ("scripts", "configs"):
+        shutil.copytree(REPO / part, tree / part)
     fake = _fake_python(tmp_path)
     results = tmp_path / "toy.md"
     results.write_text("# Toy\n\nkeep me\n\n## VLM\n\nold\n\n## Later\n\nkeep me too\n")
     rows = "mle vlm_mle vlm_smile_from_mle"
+    runs = tmp_path / "runs" if runs_dir else Path("runs/toy")
     env = {**os.environ, "PYTHON": str(fake), "ROWS": rows, "SEED_ROWS": rows, "SEEDS": "42 1", "NPROC": "1",
-           "RUNS_DIR": str(tmp_path / "runs"), "RESULTS": str(results), "SECTION": "VLM"}
-    run = subprocess.run(["bash", str(REPO / "scripts" / "reproduce.sh"), "toy"], capture_output=True, text=True,
-                         env=env, cwd=REPO)
+           "RESULTS": str(results), "SECTION": "VLM", "PYTHONPATH": str(REPO),
+           **({"RUNS_DIR": str(runs)} if runs_dir else {})}
+    run = subprocess.run(["bash", str(tree / "scripts" / "reproduce.sh"), "toy"], capture_output=True, text=True,
+                         env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     calls = [line.split() for line in (tmp_path / "calls.txt").read_text().splitlines()]
 
@@ -266,11 +275,11 @@ def test_reproduce_sh_starts_each_seed_where_its_row_says(tmp_path):
         [call] = [c for c in calls if f"configs/toy/{row}.yaml" in c and f"seed={seed}" in c]
         return [arg.split("=", 1)[1] for arg in call if arg.startswith("model.pretrained=")]
 
-    runs = tmp_path / "runs"
     assert start("mle", 42) == ["cache/toy_pretrain/checkpoint_best.safetensors"]
     assert start("mle", 1) == ["cache/toy_pretrain_seed1/checkpoint_best.safetensors"]
     assert start("vlm_mle", 42) == [] and start("vlm_mle", 1) == []  # the toy VLM, as the config says
-    assert start("vlm_smile_from_mle", 42) == [f"{runs}/vlm_mle/checkpoint_best.safetensors"]
+    # Seed 42 runs in the row's own folder: without RUNS_DIR that is where the config already looks.
+    assert start("vlm_smile_from_mle", 42) == ([f"{runs}/vlm_mle/checkpoint_best.safetensors"] if runs_dir else [])
     assert start("vlm_smile_from_mle", 1) == [f"{runs}/vlm_mle_seed1/checkpoint_best.safetensors"]
     text = results.read_text()
     assert text.startswith("# Toy\n\nkeep me\n\n## VLM\n") and text.endswith("## Later\n\nkeep me too\n")
