@@ -173,13 +173,17 @@ def test_toy_vlm_is_a_stock_folder_that_captions_as_its_generate(toy_root, tmp_p
     ids = processor.tokenizer(prompt, add_special_tokens=False).input_ids
     assert processor.tokenizer.unk_token_id not in ids
     image_path = toy_root / json.loads((toy_root / "toy_test.json").read_text())[0]["image"]
-    image = Image.open(image_path).convert("RGB")
+    # At the tiny CLIP's own size, so that both paths hand the processor the same pixels.
+    size = TINY_CLIP.image_size
+    image = Image.open(image_path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1)
+        # At least 3 new tokens on both sides: the tiny model may otherwise end at once, an empty caption.
+        generated = model.generate(**inputs, max_new_tokens=8, min_new_tokens=3, do_sample=False, num_beams=1)
     expected = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     captioner = Captioner.from_pretrained(folder, device="cpu")
-    assert captioner.caption(image_path, num_beams=1, max_length=8) == expected.strip()
+    caption = captioner.caption(image, num_beams=1, max_length=8, min_length=3)
+    assert caption == expected.strip() and caption
     # Cached: a second call builds nothing.
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert ensure_toy_vlm(folder, toy_root, TINY_VLM, TINY_CLIP) == folder

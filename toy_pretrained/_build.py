@@ -36,13 +36,14 @@ def toy_words(captions: Iterable[str]) -> list[str]:
 
 
 def word_level_tokenizer(words: list[str], specials: list[str], add_bos_eos: bool, model_max_length: int,
-                         bos: str | None, eos: str, pad: str):
+                         bos: str | None, eos: str, pad: str, model_input_names: list[str] | None = None):
     """A `PreTrainedTokenizerFast` over whole words: ids 0.. are `specials`, then `words`.
 
     Lower-cases its input and splits on whitespace and punctuation (each punctuation mark is its own token,
     [UNK] here: the toy captions have none); a word outside `words` becomes [UNK]. With `add_bos_eos` the
     tokenizer wraps every text as ``bos text eos`` (what CLIP's tokenizer does); without, it adds nothing (as
-    GPT-2's; the perplexity metric prepends BOS itself). Saved with ``tokenizer_class:
+    GPT-2's; the perplexity metric prepends BOS itself). ``model_input_names``: what it returns (transformers 4.x's
+    default adds ``token_type_ids``, which a LLaVA's ``generate`` refuses). Saved with ``tokenizer_class:
     PreTrainedTokenizerFast``, which AutoTokenizer loads in transformers 4.57+ and 5.x alike.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -57,8 +58,9 @@ def word_level_tokenizer(words: list[str], specials: list[str], add_bos_eos: boo
     if add_bos_eos:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    names = {} if model_input_names is None else {"model_input_names": list(model_input_names)}
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad,
-                                   unk_token=UNK, model_max_length=model_max_length)
+                                   unk_token=UNK, model_max_length=model_max_length, **names)
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:

@@ -76,7 +76,7 @@ def toy_vlm_processor(clip_dir: Path, words: list[str], context_length: int):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     tokenizer = word_level_tokenizer(words, [PAD, EOS, UNK], add_bos_eos=False, model_max_length=context_length,
-                                     bos=None, eos=EOS, pad=PAD)
+                                     bos=None, eos=EOS, pad=PAD, model_input_names=["input_ids", "attention_mask"])
     tokenizer.add_tokens([IMAGE, END_OF_TURN], special_tokens=True)
     image_processor = CLIPImageProcessor.from_pretrained(clip_dir)
     vision = read_json(Path(clip_dir) / "config.json", "toy CLIP config")["vision_config"]
