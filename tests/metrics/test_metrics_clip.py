@@ -453,13 +453,17 @@ def test_eval_caption_results_mode_reads_long_captions_as_asked(tmp_path, image_
 
 
 RACE = r'''
-import importlib.abc, importlib.machinery, sys, threading, time
-from PIL import Image
+import importlib.abc, importlib.machinery, pathlib, sys, tempfile, threading, time
 from metrics import clip_metrics
 
-plugin, clip_dir, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+clip_dir, paths = sys.argv[1], sys.argv[2:]
+# A module the image preprocessing imports lazily, as PIL imported a format's plugin on its first image (imaging.py
+# now imports them all up front): the main thread's import of it takes 4 s (a descheduled thread).
+folder = tempfile.mkdtemp()
+pathlib.Path(folder, "lazy_plugin.py").write_text("VALUE = 1\n")
+sys.path.insert(0, folder)
 
-class SlowLoader(importlib.abc.Loader):  # in the main thread, the plugin's import takes 4 s (a descheduled thread)
+class SlowLoader(importlib.abc.Loader):
     def __init__(self, inner): self.inner = inner
     def create_module(self, spec): return self.inner.create_module(spec)
     def exec_module(self, module):
@@ -469,35 +473,40 @@ class SlowLoader(importlib.abc.Loader):  # in the main thread, the plugin's impo
 
 class SlowFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != plugin: return None
+        if name != "lazy_plugin": return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         spec.loader = SlowLoader(spec.loader)
         return spec
 
 sys.meta_path.insert(0, SlowFinder())
+preprocess = clip_metrics._Preprocess.__call__
+def lazily(self, batch):
+    import lazy_plugin  # noqa: F401
+    return preprocess(self, batch)
+clip_metrics._Preprocess.__call__ = lazily
+
 clip = clip_metrics.load_clip(clip_dir, "cpu")
-assert plugin not in sys.modules
 done = {}
 def lane():  # MetricSession's background encoding, starting while the main thread is inside the import
     time.sleep(1)
     done["shape"] = tuple(clip_metrics.encode_images(paths, clip, batch_size=4, num_workers=2, progress=False).shape)
 thread = threading.Thread(target=lane, daemon=True)
 thread.start()
-Image.open(paths[0]).load()  # the captioner's first image: the main thread imports the plugin
+import lazy_plugin  # noqa: E402,F401  (the captioner's first image, in the main thread)
 thread.join(60)
 print("HUNG" if thread.is_alive() else f"done {done['shape']}", flush=True)
 '''
 
 
 def test_images_encoded_beside_a_main_thread_import_never_hang(tmp_path, image_paths, tiny_clip_dir):
-    """encode_images in a background thread (MetricSession's) while the main thread imports the PIL plugin both need:
-    with worker processes forked at that instant, the workers inherited the held import lock and waited forever
-    (evaluations hung after "coco took ... s"); the threads it uses now wait for the import and go on."""
-    plugin = f"PIL.{Image.open(image_paths[0]).format.capitalize()}ImagePlugin"
+    """encode_images in a background thread (MetricSession's) while the main thread imports a module the image
+    preprocessing imports too: worker processes forked at that instant inherited the held import lock and waited
+    forever (evaluations hung after "coco took ... s", the module being PIL's plugin for the images' format); the
+    threads it uses now wait for the import and go on."""
     script = tmp_path / "race.py"
     script.write_text(RACE)
     paths = [str(path) for path in image_paths[:9]]  # 3 batches of 4 over 2 workers
-    done = subprocess.run([sys.executable, str(script), plugin, str(tiny_clip_dir), *paths], capture_output=True,
+    done = subprocess.run([sys.executable, str(script), str(tiny_clip_dir), *paths], capture_output=True,
                           text=True, timeout=180, cwd=Path(__file__).resolve().parents[2],
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert done.returncode == 0, done.stderr[-3000:]
