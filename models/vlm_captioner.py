@@ -34,8 +34,9 @@ own token set. The LM head runs on the T caption positions only, never on the hu
   ``model.vlm.image_size``, by default the size the image processor works at (its crop, tile or target size), so
   an image that already has that size reaches the processor unchanged and gets the stock model's caption; other
   images are squashed to S x S first.
-* **Generation** is the model's own ``generate`` with the prompt; ``max_length`` / ``min_length`` count new
-  caption tokens (the end token included; transformers' ``max_new_tokens``), ``max_positions`` is the text
+* **Generation** is the model's own ``generate`` with the prompt; ``max_length`` counts new caption tokens, the
+  end token included (transformers' ``max_new_tokens``), and ``min_length`` the tokens before the end token may
+  come (``min_new_tokens``: the default 1 never gives an empty caption); ``max_positions`` is the text
   positions left after the prompt. ``repetition_penalty`` and ``no_repeat_ngram_size`` see the prompt's tokens
   too, as in stock ``generate``. The captions come back without the prompt.
 * **Export** writes the model, its processor and ``vlm_captioner.json`` (prompt, image size, end token): a folder
