@@ -137,7 +137,8 @@ def _size_field(size, key: str):
 def weight_dtype(name: str) -> torch.dtype:
     """The dtype ``model.vlm.dtype`` loads the weights in: bfloat16 halves the weights' memory (and the
     activations' under autocast) on CUDA; without CUDA the weights stay float32, since CPU bf16 matmuls are slow
-    and the CPU runs (tests, toy rows) are meant to be exact. AdamW on bf16 parameters rounds every update to 8
+    and the CPU runs (tests, toy rows) are meant to be exact (a CPU run on a CUDA host, ``device: cpu``, is cast
+    back to float32 by training.build_captioner). AdamW on bf16 parameters rounds every update to 8
     mantissa bits, LoRA adapters included (peft gives them their base layer's dtype), so bf16 trades update precision
     for memory: a model that only fits that way, or a frozen base."""
     if name not in WEIGHT_DTYPES:

@@ -35,6 +35,10 @@ def build_captioner(config: dict, device: torch.device, pretrained: str | None =
     elif (source := pretrained or model_config["pretrained"]) and load_weights:
         lora.load_base(captioner, source, model_config)
     captioner.to(device)
+    if device.type != "cuda":
+        # Reduced-precision weights (model.vlm.dtype: bfloat16) are a CUDA setting: a CPU run, also one on a CUDA
+        # host (device: cpu), trains float32 weights, as every family does without CUDA.
+        captioner.float()
     if model_config["compile"]:
         captioner.compile_parts(model_config["compile"], mode=model_config["compile_mode"])
     return captioner

@@ -473,6 +473,15 @@ def test_weight_dtype_is_validated_and_float32_without_cuda(tmp_path):
         assert {p.dtype for p in captioner.parameters()} == {torch.float32}
 
 
+def test_a_cpu_run_on_a_cuda_host_trains_float32_weights(tmp_path, monkeypatch):
+    """model.vlm.dtype: bfloat16 loads bf16 weights where CUDA exists; a run on the CPU there (device: cpu) still
+    trains float32 ones (training.build_captioner), LoRA adapters included."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    captioner, _ = _build(tmp_path, "llava", vlm={"prompt": PROMPT, "dtype": "bfloat16"}, lora={"r": 4})
+    assert {p.dtype for p in captioner.parameters()} == {torch.float32}
+    assert any(p.requires_grad for p in captioner.parameters())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model.vlm.dtype: bfloat16 applies on CUDA only")
 def test_bfloat16_weights_on_cuda_train_and_generate(tmp_path):
     config = _config(tmp_path, "qwen2_vl", vlm={"prompt": PROMPT, "dtype": "bfloat16"})
