@@ -81,6 +81,22 @@ def read_json(path: Path, what: str):
         raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
 
 
+def toy_references(path: Path, what: str) -> tuple[list[str], list[str]]:
+    """(image path, caption) of every reference of a toy annotation file: a train file (one caption per entry) or
+    a val/test file (a list per entry); a ValueError names the file and the first malformed entry."""
+    images, captions = [], []
+    for index, entry in enumerate(read_json(path, what)):
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        caption = [caption] if isinstance(caption, str) else caption
+        if (not isinstance(caption, list) or not caption or not all(isinstance(c, str) for c in caption)
+                or not isinstance(entry.get("image"), str)):
+            raise ValueError(f"{path}: entry {index} needs a str 'image' and a 'caption' (a str or a list of str), "
+                             f"got {entry!r}")
+        images += [entry["image"]] * len(caption)
+        captions += caption
+    return images, captions
+
+
 def toy_dataset_manifest(toy_root: Path) -> dict:
     """The toy set's own manifest.json: part of every recipe, so a rebuilt toy set means a rebuilt model."""
     manifest = read_json(Path(toy_root) / "manifest.json", "toy dataset manifest")

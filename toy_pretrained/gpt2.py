@@ -19,7 +19,7 @@ import torch
 
 from data.toy import toy_paths
 
-from ._build import EOS, UNK, FORMAT_VERSION, ensure_built, read_json, save_tokenizer, toy_dataset_manifest, \
+from ._build import EOS, UNK, FORMAT_VERSION, ensure_built, save_tokenizer, toy_dataset_manifest, toy_references, \
     toy_words, train_in_epochs, word_level_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,22 +44,11 @@ class ToyGpt2Recipe:
     seed: int = 0
 
 
-def _captions(path: Path, what: str) -> list[str]:
-    captions = []
-    for index, entry in enumerate(read_json(path, what)):
-        caption = entry.get("caption") if isinstance(entry, dict) else None
-        caption = [caption] if isinstance(caption, str) else caption
-        if not isinstance(caption, list) or not caption or not all(isinstance(c, str) for c in caption):
-            raise ValueError(f"{path}: entry {index} needs a 'caption' (a str or a list of str), got {entry!r}")
-        captions += caption
-    return captions
-
-
 def build_toy_gpt2(folder: Path, train_file: Path, recipe: ToyGpt2Recipe, test_file: Path | None = None) -> dict:
     """Train the toy GPT-2 and save model and tokenizer into `folder`; returns the report."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    captions = _captions(train_file, "toy train file")
+    captions = toy_references(train_file, "toy train file")[1]
     tokenizer = word_level_tokenizer(toy_words(captions), [EOS, UNK], add_bos_eos=False,
                                      model_max_length=recipe.context_length, bos=EOS, eos=EOS, pad=EOS)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
@@ -94,7 +83,7 @@ def build_toy_gpt2(folder: Path, train_file: Path, recipe: ToyGpt2Recipe, test_f
     report = {"train_captions": len(ids), "steps": len(losses),
               "final_loss": round(sum(losses[-steps_per_epoch:]) / steps_per_epoch, 4)}
     if test_file is not None:
-        report.update(perplexity_report(folder, _captions(test_file, "toy test file"), recipe.seed))
+        report.update(perplexity_report(folder, toy_references(test_file, "toy test file")[1], recipe.seed))
     return report
 
 

@@ -32,7 +32,7 @@ import torch
 from data.toy import toy_paths
 
 from ._build import EOS, FORMAT_VERSION, UNK, ensure_built, read_json, save_tokenizer, toy_dataset_manifest, \
-    toy_words, train_in_epochs, word_level_tokenizer
+    toy_references, toy_words, train_in_epochs, word_level_tokenizer
 from .clip import ToyClipRecipe, ensure_toy_clip
 
 logger = logging.getLogger(__name__)
@@ -112,20 +112,6 @@ def toy_vlm_model(clip_dir: Path, tokenizer, recipe: ToyVlmRecipe):
     return model
 
 
-def _references(path: Path, what: str) -> tuple[list[str], list[str]]:
-    """(image path, caption) of every reference of a toy annotation file, train (one caption per entry) or
-    val/test (a list per entry)."""
-    images, captions = [], []
-    for index, entry in enumerate(read_json(path, what)):
-        caption = entry.get("caption") if isinstance(entry, dict) else None
-        caption = [caption] if isinstance(caption, str) else caption
-        if not isinstance(caption, list) or not isinstance(entry.get("image"), str):
-            raise ValueError(f"{path}: entry {index} needs a str 'image' and a 'caption', got {entry!r}")
-        images += [entry["image"]] * len(caption)
-        captions += caption
-    return images, captions
-
-
 def _pixel_table(image_paths: list[str], image_root: Path, transform) -> tuple[torch.Tensor, torch.Tensor]:
     """Every distinct image through ``transform`` once: pixels (N, 3, S, S), and each path's row (len(paths),)."""
     from imaging import open_rgb
@@ -143,7 +129,7 @@ def build_toy_vlm(folder: Path, clip_dir: Path, paths: dict, recipe: ToyVlmRecip
     from models.objectives import IGNORE_INDEX
     from models.vlm_captioner import DEFAULT_PROMPT, VlmCaptioner
 
-    image_paths, captions = _references(paths["train_file"], "toy train file")
+    image_paths, captions = toy_references(paths["train_file"], "toy train file")
     words = sorted(set(toy_words(captions)) | set(PROMPT_WORDS))
     processor = toy_vlm_processor(clip_dir, words, recipe.max_positions)
     model = toy_vlm_model(clip_dir, processor.tokenizer, recipe)
